@@ -1,0 +1,199 @@
+"""``hogc.compile``: the public entry point."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from hogc.passes.infer_indices import infer_indices
+from hogc.passes.pipeline import optimization_pipeline, run_pipeline
+
+from .capture.losses import check_target, loss_spec
+from .capture.lower import lower_graph
+from .capture.trace import trace_model
+from .emit.fx import emit
+from .errors import HogcError, InputDtypeError
+from .ir import Index, Node, Op, Program, SAMPLE, Variance, build as B, format_program
+from .quantities import DerivativeBuilder, get_quantity
+
+__all__ = ["compile", "CompiledFunction"]
+
+
+@dataclass
+class _Specialization:
+    program: Program  # the derivative program as emitted (after optimization passes)
+    unoptimized: Program
+    gm: torch.fx.GraphModule
+    inputs: list[tuple[str, str]]
+
+
+class CompiledFunction:
+    """A compiled derivative program: ``fn(x, y)`` returns the requested quantities."""
+
+    def __init__(self, model: nn.Module, quantities: Sequence[str], single: bool, loss: nn.Module,
+                 mc_samples: int, seed: int | None, generator: torch.Generator | None, optimize: str,
+                 verify: bool | None):
+        self.model, self.quantities, self.single = model, tuple(quantities), single
+        self.loss, self.spec = loss, loss_spec(loss)
+        self.mc_samples, self.seed, self.generator = mc_samples, seed, generator
+        self.optimize, self.verify = optimize, verify
+        self._cache: dict[tuple, _Specialization] = {}
+        self._last: _Specialization | None = None
+
+    # --- specialization --------------------------------------------------------------
+    def _key(self, x, y) -> tuple:
+        ps = tuple((p.dtype, p.device, tuple(p.shape), p.requires_grad) for p in self.model.parameters())
+        return (tuple(x.shape), x.dtype, x.device, tuple(y.shape), y.dtype, ps)
+
+    def _specialize(self, x: torch.Tensor, y: torch.Tensor) -> _Specialization:
+        model = self.model
+        named = dict(model.named_parameters())
+        trainable = {k for k, p in named.items() if p.requires_grad}
+        for k, p in named.items():
+            if not p.is_floating_point():
+                raise InputDtypeError(f"parameter '{k}' has dtype {p.dtype}; hogc needs floating point")
+        gm = trace_model(model, x)
+        out, params, x_node = lower_graph(gm, list(named), trainable, [k for k, _ in model.named_buffers()])
+        check_target(self.spec, out.shape, y)
+        fwd = infer_indices(Program.of({"output": out}))
+        out = fwd.outputs["output"]
+        params = {n.arg[1]: n for n in fwd.inputs("param")}
+        if out.sample_axis() != 0:
+            raise HogcError("the model output must have the sample axis first")
+        ti = (out.indices[0],) if self.spec.kind == "cross_entropy" else out.indices
+        target = B.inp("target", "y", ti)
+        rng = B.inp("rng", "generator", ())
+        builder = DerivativeBuilder(out, target, params, self.spec, rng, self.mc_samples)
+        outputs: dict[str, Node] = {}
+        for qname in self.quantities:
+            q = get_quantity(qname)
+            res = q.build(builder)
+            if q.per_param:
+                for k, v in res.items():
+                    outputs[f"{qname}/{k}"] = v
+            else:
+                outputs[qname] = res
+        unopt = Program.of(outputs)
+        program = run_pipeline(unopt, optimization_pipeline(self.optimize), self.verify)
+        used = {(n.arg[0], n.arg[1]) for n in program.inputs()}
+        inputs = [("param", k) for k in named if k in trainable] + \
+                 [("buffer", k) for k in named if k not in trainable] + \
+                 [("buffer", k) for k, _ in model.named_buffers()] + \
+                 [("data", "x"), ("target", "y"), ("rng", "generator")]
+        inputs = [i for i in inputs if i in used or i[0] in ("data", "target")]
+        return _Specialization(program, unopt, emit(program, inputs), inputs)
+
+    def specialize(self, x: torch.Tensor, y: torch.Tensor) -> _Specialization:
+        """Compile (or fetch from the cache) the program for these input shapes and dtypes."""
+        if not isinstance(x, torch.Tensor):
+            raise InputDtypeError(f"x must be a tensor, got {type(x).__name__}")
+        key = self._key(x, y)
+        spec = self._cache.get(key)
+        if spec is None:
+            spec = self._cache[key] = self._specialize(x, y)
+        self._last = spec
+        return spec
+
+    # --- calling -------------------------------------------------------------------------
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None):
+        spec = self.specialize(x, y)
+        values = {("param", k): p for k, p in self.model.named_parameters()}
+        values.update({("buffer", k): p for k, p in self.model.named_parameters()})
+        values.update({("buffer", k): b for k, b in self.model.named_buffers()})
+        values[("data", "x")] = x
+        values[("target", "y")] = y
+        if ("rng", "generator") in spec.inputs:
+            values[("rng", "generator")] = self._rng(x.device, generator)
+        with torch.no_grad():
+            flat = spec.gm(*[values[i] for i in spec.inputs])
+        return self._assemble(flat, spec, x)
+
+    def _rng(self, device, generator):
+        if generator is not None:
+            return generator
+        if self.generator is not None:
+            return self.generator
+        g = torch.Generator(device=device)
+        g.manual_seed(self.seed if self.seed is not None else
+                      int(torch.randint(0, 2**62, (1,)).item()))
+        return g
+
+    def _assemble(self, flat, spec: _Specialization, x):
+        values = dict(zip(spec.program.outputs, flat))
+        result = {}
+        params = [(k, p) for k, p in self.model.named_parameters() if p.requires_grad]
+        for qname in self.quantities:
+            q = get_quantity(qname)
+            if not q.per_param:
+                result[qname] = values[qname]
+                continue
+            d = {}
+            for k, p in params:
+                v = values.get(f"{qname}/{k}")
+                if v is None:  # the loss does not depend on this parameter
+                    shape = ((x.shape[0],) if q.batch else ()) + (() if qname == "batch_l2" else tuple(p.shape))
+                    v = torch.zeros(shape, dtype=p.dtype, device=p.device)
+                d[k] = v
+            result[qname] = d
+        return result[self.quantities[0]] if self.single else result
+
+    # --- introspection ---------------------------------------------------------------------
+    def _require(self) -> _Specialization:
+        if self._last is None:
+            raise HogcError("this function has not been specialized yet: call it once, or call "
+                            "fn.specialize(x, y), before reading .ir, .code or .explain()")
+        return self._last
+
+    @property
+    def ir(self) -> str:
+        """The derivative program (as emitted), one node a line, indices with their variance."""
+        return format_program(self._require().program)
+
+    @property
+    def code(self) -> str:
+        """The generated Python/torch source."""
+        return self._require().gm.code
+
+    def __repr__(self) -> str:
+        return f"hogc.CompiledFunction(quantity={self.quantities if not self.single else self.quantities[0]!r}, " \
+               f"loss={self.loss!r})"
+
+
+def compile(model: nn.Module, quantity: str | Sequence[str] = "ggn_diag", loss: nn.Module | None = None, *,
+            mc_samples: int = 1, seed: int | None = None, generator: torch.Generator | None = None,
+            optimize: str = "auto", verify: bool | None = None) -> CompiledFunction:
+    """Compile derivative quantities of ``loss(model(x), y)``.
+
+    Args:
+        model: any ``nn.Module`` built from supported ops (see ``docs/ops.md``).
+        quantity: one name (returns that quantity) or a sequence (returns a dict keyed by name).
+        loss: ``CrossEntropyLoss`` (default), ``MSELoss`` or ``BCEWithLogitsLoss``, reduction
+            'mean' or 'sum'.
+        mc_samples: columns of the Monte-Carlo square root (``ggn_diag_mc``).
+        seed: makes Monte-Carlo quantities reproducible (the same draw on every call).
+        generator: a ``torch.Generator`` to draw from (also accepted per call).
+        optimize: contraction-path strategy ('auto', 'naive', 'greedy', 'optimal', 'dp').
+        verify: run the IR verifier after every pass (default: ``HOGC_VERIFY`` env var).
+
+    Returns:
+        A :class:`CompiledFunction`; call it as ``fn(x, y)``.
+
+    Raises:
+        UnknownQuantityError: a quantity name that is not registered (lists valid ones).
+        UnsupportedLossError: a loss without a known Hessian factorization.
+    """
+    single = isinstance(quantity, str)
+    names = [quantity] if single else list(quantity)
+    if not names:
+        raise HogcError("quantity must name at least one quantity")
+    for q in names:
+        get_quantity(q)
+    if mc_samples < 1:
+        raise HogcError(f"mc_samples must be >= 1, got {mc_samples}")
+    from hogc.passes.paths import PATH_STRATEGIES
+    if optimize not in PATH_STRATEGIES:
+        raise HogcError(f"unknown optimize strategy '{optimize}'; registered: {sorted(PATH_STRATEGIES)}")
+    return CompiledFunction(model, names, single, loss if loss is not None else nn.CrossEntropyLoss(),
+                            mc_samples, seed, generator, optimize, verify)

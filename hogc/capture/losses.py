@@ -1,0 +1,52 @@
+"""Loss modules hogc knows exactly: their value, gradient and symmetric Hessian square root."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import TargetShapeError, UnsupportedLossError
+from ..ir import LossSpec
+
+__all__ = ["loss_spec", "check_target", "SUPPORTED_LOSSES"]
+
+SUPPORTED_LOSSES = {nn.CrossEntropyLoss: "cross_entropy", nn.MSELoss: "mse",
+                    nn.BCEWithLogitsLoss: "bce_with_logits"}
+
+
+def loss_spec(loss: nn.Module) -> LossSpec:
+    kind = SUPPORTED_LOSSES.get(type(loss))
+    if kind is None:
+        names = ", ".join(c.__name__ for c in SUPPORTED_LOSSES)
+        raise UnsupportedLossError(f"loss {type(loss).__name__} has no known Hessian factorization; "
+                                   f"supported: {names}")
+    if loss.reduction not in ("mean", "sum"):
+        raise UnsupportedLossError(f"{type(loss).__name__}(reduction='{loss.reduction}'): use 'mean' or "
+                                   f"'sum' (per-sample losses are the batch_* quantities)")
+    if kind == "cross_entropy":
+        if loss.weight is not None or loss.label_smoothing != 0.0 or loss.ignore_index != -100:
+            raise UnsupportedLossError("CrossEntropyLoss with weight, label_smoothing or ignore_index "
+                                       "is not supported yet")
+    if kind == "bce_with_logits" and (loss.weight is not None or loss.pos_weight is not None):
+        raise UnsupportedLossError("BCEWithLogitsLoss with weight or pos_weight is not supported yet")
+    return LossSpec(kind, loss.reduction)
+
+
+def check_target(spec: LossSpec, out_shape: tuple[int, ...], y: torch.Tensor) -> None:
+    """Raise :class:`TargetShapeError` if ``y`` does not fit the loss for output ``out_shape``."""
+    if not isinstance(y, torch.Tensor):
+        raise TargetShapeError(f"target must be a tensor, got {type(y).__name__}")
+    if spec.kind == "cross_entropy":
+        if len(out_shape) != 2:
+            raise TargetShapeError(f"CrossEntropyLoss needs model output (N, C), got {tuple(out_shape)}")
+        if y.is_floating_point():
+            raise TargetShapeError("CrossEntropyLoss target must hold class indices (integer dtype); "
+                                   f"got {y.dtype} (class probabilities are not supported yet)")
+        if tuple(y.shape) != out_shape[:1]:
+            raise TargetShapeError(f"CrossEntropyLoss target shape {tuple(y.shape)} does not fit model "
+                                   f"output {tuple(out_shape)}: expected ({out_shape[0]},) class indices")
+    else:
+        if tuple(y.shape) != tuple(out_shape):
+            raise TargetShapeError(f"{spec.kind} target shape {tuple(y.shape)} != model output shape "
+                                   f"{tuple(out_shape)}")
+        if not y.is_floating_point():
+            raise TargetShapeError(f"{spec.kind} target must be floating point, got {y.dtype}")

@@ -1,0 +1,161 @@
+"""emit: IR program -> torch.fx GraphModule with readable generated source.
+
+One emitter per op (a table keyed by op). Pairwise contractions become ``torch.einsum``
+calls with ASCII letters; elementwise derivatives call the sympy-generated functions.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Callable
+
+import torch
+import torch.fx
+
+from hogc.passes import elementwise as E
+
+from ..ir import Constant, Node, Op, Program
+from . import runtime as R
+
+__all__ = ["emit", "EMITTERS"]
+
+EMITTERS: dict[Op, Callable] = {}
+_ASCII = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+
+def emitter(*ops: Op):
+    def deco(fn):
+        for op in ops:
+            EMITTERS[op] = fn
+        return fn
+    return deco
+
+
+def _fn(g: torch.fx.Graph, target, *args):
+    return g.call_function(target, tuple(args))
+
+
+@emitter(Op.ELEMENTWISE)
+def _elementwise(g, node, args, gm):
+    fname, order, params = node.arg
+    if order == 0:
+        return _fn(g, E.derivative(fname, 0), args[0], *params)
+    y = args[1] if len(args) > 1 else None
+    return _fn(g, E.derivative(fname, order), args[0], y, *params)
+
+
+_BIN = {Op.ADD: operator.add, Op.SUB: operator.sub, Op.MUL: operator.mul, Op.DIV: operator.truediv}
+
+
+@emitter(Op.ADD, Op.SUB, Op.MUL, Op.DIV)
+def _binary(g, node, args, gm):
+    return _fn(g, _BIN[node.op], *args)
+
+
+@emitter(Op.EINSUM)
+def _einsum(g, node, args, gm):
+    eq = node.arg
+    letters = dict.fromkeys("".join(eq.inputs) + eq.output)
+    if len(letters) > len(_ASCII):
+        raise ValueError(f"einsum with {len(letters)} indices exceeds torch.einsum's 52 letters")
+    m = dict(zip(letters, _ASCII))
+    text = ",".join("".join(m[c] for c in s) for s in eq.inputs) + "->" + "".join(m[c] for c in eq.output)
+    return _fn(g, torch.einsum, text, *args)
+
+
+@emitter(Op.SUM)
+def _sum(g, node, args, gm):
+    return _fn(g, torch.sum, args[0], list(node.arg))
+
+
+@emitter(Op.RESHAPE)
+def _reshape(g, node, args, gm):
+    return _fn(g, torch.reshape, args[0], list(node.arg))
+
+
+@emitter(Op.PERMUTE)
+def _permute(g, node, args, gm):
+    return _fn(g, torch.permute, args[0], list(node.arg))
+
+
+@emitter(Op.EXPAND)
+def _expand(g, node, args, gm):
+    return g.call_method("expand", (args[0], list(node.arg)))
+
+
+@emitter(Op.SLICE)
+def _slice(g, node, args, gm):
+    return _fn(g, R.slice_dim, args[0], *node.arg)
+
+
+@emitter(Op.PAD)
+def _pad(g, node, args, gm):
+    return _fn(g, R.pad_dim, args[0], *node.arg)
+
+
+@emitter(Op.INDEX)
+def _index(g, node, args, gm):
+    return _fn(g, R.index_dim, args[0], *node.arg)
+
+
+@emitter(Op.INDEX_ADD)
+def _index_add(g, node, args, gm):
+    return _fn(g, R.index_add_dim, args[0], *node.arg)
+
+
+@emitter(Op.CAT)
+def _cat(g, node, args, gm):
+    return _fn(g, torch.cat, list(args), node.arg)
+
+
+@emitter(Op.LOSS)
+def _loss(g, node, args, gm):
+    return _fn(g, R.loss_value, *args, node.arg.kind, node.arg.reduction)
+
+
+@emitter(Op.LOSS_GRAD)
+def _loss_grad(g, node, args, gm):
+    return _fn(g, R.loss_grad, *args, node.arg.kind, node.arg.reduction)
+
+
+@emitter(Op.LOSS_SQRT_HESSIAN)
+def _loss_sqrt(g, node, args, gm):
+    return _fn(g, R.loss_sqrt_hessian, *args, node.arg.kind, node.arg.reduction)
+
+
+@emitter(Op.LOSS_SQRT_HESSIAN_MC)
+def _loss_mc(g, node, args, gm):
+    spec, m = node.arg
+    return _fn(g, R.loss_sqrt_hessian_mc, *args, spec.kind, spec.reduction, m)
+
+
+@emitter(Op.CONST)
+def _const(g, node, args, gm):
+    if not isinstance(node.arg, Constant):
+        return node.arg
+    name = f"const{len(gm._buffers)}"
+    gm.register_buffer(name, node.arg.tensor)
+    return g.get_attr(name)
+
+
+def emit(program: Program, inputs: list[tuple[str, str]]) -> torch.fx.GraphModule:
+    """Emit ``program``; the module's positional arguments are the INPUT nodes ``inputs``
+    (role, name) in that order; it returns a tuple of the outputs in ``program.outputs`` order."""
+    g = torch.fx.Graph()
+    root = torch.nn.Module()
+    env: dict[int, object] = {}
+    ph = {}
+    for role, name in inputs:
+        safe = "".join(c if c.isalnum() else "_" for c in name)
+        ph[(role, name)] = g.placeholder(safe if role != "param" else f"p_{safe}")
+    for node in program.nodes:
+        if node.op is Op.INPUT:
+            env[node.uid] = ph[node.arg]
+            continue
+        args = [env[s.uid] for s in node.src]
+        env[node.uid] = EMITTERS[node.op](g, node, args, root)
+    outs = []
+    for out in program.outputs.values():
+        v = env[out.uid]
+        outs.append(v)
+    g.output(tuple(outs))
+    return torch.fx.GraphModule(root, g, class_name="HogcProgram")

@@ -1,0 +1,115 @@
+"""Runtime helpers the emitted programs call: losses and their exact Hessian factorizations.
+
+For a loss ``L = r * sum_n l(f_n, y_n)`` (``r`` = 1 for reduction='sum', 1/N for
+CrossEntropyLoss 'mean', 1/numel for MSELoss/BCEWithLogitsLoss 'mean', as torch defines
+them), ``loss_sqrt_hessian`` returns ``S`` of shape ``(C, *f.shape)`` with
+``sum_c S[c, n] S[c, n]^T = d^2 L / d f_n^2`` for every sample ``n``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..ir import LossSpec
+
+__all__ = ["loss_value", "loss_grad", "loss_sqrt_hessian", "loss_sqrt_hessian_mc", "num_columns",
+           "slice_dim", "pad_dim", "index_dim", "index_add_dim"]
+
+
+def _scale(kind: str, reduction: str, f: torch.Tensor) -> float:
+    if reduction == "sum":
+        return 1.0
+    return 1.0 / (f.shape[0] if kind == "cross_entropy" else f.numel())
+
+
+def num_columns(spec: LossSpec, out_shape: tuple[int, ...]) -> int:
+    """Number of columns C of the exact square root."""
+    return math.prod(out_shape[1:])
+
+
+def loss_value(f: torch.Tensor, y: torch.Tensor, kind: str, reduction: str) -> torch.Tensor:
+    if kind == "cross_entropy":
+        return F.cross_entropy(f, y, reduction=reduction)
+    if kind == "mse":
+        return F.mse_loss(f, y, reduction=reduction)
+    return F.binary_cross_entropy_with_logits(f, y, reduction=reduction)
+
+
+def loss_grad(f: torch.Tensor, y: torch.Tensor, kind: str, reduction: str) -> torch.Tensor:
+    r = _scale(kind, reduction, f)
+    if kind == "cross_entropy":
+        g = torch.softmax(f, dim=1)
+        g[torch.arange(f.shape[0], device=f.device), y] -= 1.0
+        return g.mul_(r)
+    if kind == "mse":
+        return (f - y).mul_(2.0 * r)
+    return (torch.sigmoid(f) - y).mul_(r)
+
+
+def loss_sqrt_hessian(f: torch.Tensor, y: torch.Tensor, kind: str, reduction: str) -> torch.Tensor:
+    """Exact symmetric factorization, shape (C, *f.shape)."""
+    r = math.sqrt(_scale(kind, reduction, f))
+    N = f.shape[0]
+    if kind == "cross_entropy":
+        # d2l/df2 = diag(p) - p p^T = S S^T with S = diag(sqrt p) - p sqrt(p)^T
+        p = torch.softmax(f, dim=1)
+        sp = p.sqrt()
+        S = -(p.unsqueeze(1) * sp.unsqueeze(2))  # (N, c, o): -p_o sqrt(p_c)
+        S.diagonal(dim1=1, dim2=2).add_(sp)
+        return S.permute(1, 0, 2).mul_(r)
+    flat = f.reshape(N, -1)
+    C = flat.shape[1]
+    if kind == "mse":
+        d = torch.full_like(flat, math.sqrt(2.0) * r)
+    else:
+        s = torch.sigmoid(flat)
+        d = (s * (1 - s)).sqrt_().mul_(r)
+    S = torch.diag_embed(d).permute(1, 0, 2)  # (C, N, C)
+    return S.reshape((C,) + tuple(f.shape))
+
+
+def loss_sqrt_hessian_mc(f: torch.Tensor, y: torch.Tensor, generator: torch.Generator, kind: str,
+                         reduction: str, mc_samples: int) -> torch.Tensor:
+    """Monte-Carlo factor ``(M, *f.shape)``: E[sum_m s_m s_m^T] = d2L/df2 (Fisher sampling)."""
+    r = math.sqrt(_scale(kind, reduction, f) / mc_samples)
+    N = f.shape[0]
+    if kind == "cross_entropy":
+        p = torch.softmax(f, dim=1)
+        draws = torch.multinomial(p.detach(), mc_samples, replacement=True, generator=generator)  # (N, M)
+        onehot = F.one_hot(draws.T, f.shape[1]).to(f.dtype)  # (M, N, C)
+        return (p.unsqueeze(0) - onehot).mul_(r)
+    shape = (mc_samples,) + tuple(f.shape)
+    if kind == "mse":
+        eps = torch.randn(shape, generator=generator, dtype=f.dtype, device=f.device)
+        return eps.mul_(math.sqrt(2.0) * r)
+    s = torch.sigmoid(f)
+    u = torch.rand(shape, generator=generator, dtype=f.dtype, device=f.device)
+    return (s.unsqueeze(0) - (u < s.unsqueeze(0)).to(f.dtype)).mul_(r)
+
+
+def slice_dim(x: torch.Tensor, dim: int, start: int, stop: int, step: int) -> torch.Tensor:
+    idx = [slice(None)] * x.ndim
+    idx[dim] = slice(start, stop, step)
+    return x[tuple(idx)]
+
+
+def pad_dim(x: torch.Tensor, dim: int, start: int, step: int, size: int) -> torch.Tensor:
+    shape = list(x.shape)
+    shape[dim] = size
+    out = x.new_zeros(shape)
+    idx = [slice(None)] * x.ndim
+    idx[dim] = slice(start, start + step * (x.shape[dim] - 1) + 1, step)
+    out[tuple(idx)] = x
+    return out
+
+
+def index_dim(x: torch.Tensor, dim: int, index: tuple[int, ...]) -> torch.Tensor:
+    return x.index_select(dim, torch.tensor(index, device=x.device))
+
+
+def index_add_dim(x: torch.Tensor, dim: int, index: tuple[int, ...], size: int) -> torch.Tensor:
+    shape = list(x.shape)
+    shape[dim] = size
+    return x.new_zeros(shape).index_add_(dim, torch.tensor(index, device=x.device), x)

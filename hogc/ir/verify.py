@@ -1,0 +1,141 @@
+"""The IR verifier: shapes, topological order and variance pairing.
+
+A contraction must pair an upper with a lower index of the same space (or use the
+explicit Euclidean metric, which marks it basis-dependent); ADD/SUB must combine
+indices of the same variance and space. Runs after every pass in the test suite.
+"""
+from __future__ import annotations
+
+import math
+
+from ..errors import VerificationError
+from .index import UNIT, Variance
+from .node import Constant, Einsum, Node
+from .ops import Op
+from .printer import format_node
+from .program import Program
+
+__all__ = ["verify"]
+
+
+def _fail(node: Node, names, msg: str):
+    raise VerificationError(f"IR verification failed at node {names.get(id(node), '%?')} = "
+                            f"{format_node(node, names)}:\n  {msg}")
+
+
+def _check_shape(node: Node, names) -> None:  # noqa: C901 (a table would be longer)
+    op, src, a, shape = node.op, node.src, node.arg, node.shape
+
+    def need(cond, msg):
+        if not cond:
+            _fail(node, names, msg)
+
+    if op is Op.CONST and not isinstance(a, Constant):
+        need(shape == (), "scalar constant with indices")
+    elif op is Op.CONST:
+        need(tuple(a.tensor.shape) == shape, f"constant shape {tuple(a.tensor.shape)} != indices {shape}")
+    elif op is Op.ELEMENTWISE:
+        need(all(s.shape == shape for s in src), f"elementwise operand shapes {[s.shape for s in src]} != {shape}")
+    elif op in (Op.ADD, Op.SUB, Op.MUL, Op.DIV):
+        x, y = src
+        n = len(shape)
+        need(n == max(x.ndim, y.ndim), "broadcast rank mismatch")
+        for k in range(n):
+            sx = x.shape[k - n + x.ndim] if k - n + x.ndim >= 0 else 1
+            sy = y.shape[k - n + y.ndim] if k - n + y.ndim >= 0 else 1
+            need(sx in (1, shape[k]) and sy in (1, shape[k]) and max(sx, sy) == shape[k],
+                 f"size mismatch in axis {k}: {sx} vs {sy} -> {shape[k]}")
+    elif op is Op.EINSUM:
+        eq: Einsum = a
+        need(len(eq.inputs) == len(src), "operand count != equation")
+        sizes: dict[str, int] = {}
+        for s, x in zip(eq.inputs, src):
+            need(len(s) == x.ndim, f"operand '{s}' has rank {x.ndim}")
+            for ch, ix in zip(s, x.indices):
+                if sizes.setdefault(ch, ix.size) != ix.size:
+                    _fail(node, names, f"letter '{ch}' has sizes {sizes[ch]} and {ix.size}")
+        need(len(eq.output) == len(shape) and all(sizes.get(ch) == d for ch, d in zip(eq.output, shape)),
+             f"output '{eq.output}' does not match shape {shape}")
+    elif op is Op.SUM:
+        x = src[0]
+        need(tuple(d for k, d in enumerate(x.shape) if k not in a) == shape, "sum shape")
+    elif op is Op.RESHAPE:
+        need(math.prod(src[0].shape) == math.prod(shape) and tuple(a) == shape, "reshape sizes")
+    elif op is Op.PERMUTE:
+        need(sorted(a) == list(range(src[0].ndim)) and tuple(src[0].shape[p] for p in a) == shape, "permute")
+    elif op is Op.EXPAND:
+        x = src[0]
+        pad = len(shape) - x.ndim
+        need(pad >= 0 and all(d in (1, shape[k + pad]) for k, d in enumerate(x.shape)), "expand")
+    elif op is Op.SLICE:
+        dim, start, stop, step = a
+        exp = list(src[0].shape)
+        exp[dim] = len(range(start, stop, step))
+        need(tuple(exp) == shape, "slice shape")
+    elif op is Op.PAD:
+        dim, start, step, size = a
+        x = src[0]
+        need(start + step * (x.shape[dim] - 1) < size and shape[dim] == size, "pad range")
+    elif op is Op.INDEX:
+        dim, idx = a
+        need(shape[dim] == len(idx) and all(0 <= i < src[0].shape[dim] for i in idx), "index range")
+    elif op is Op.INDEX_ADD:
+        dim, idx, size = a
+        need(src[0].shape[dim] == len(idx) and shape[dim] == size, "index_add sizes")
+    elif op is Op.CAT:
+        need(sum(x.shape[a] for x in src) == shape[a], "cat sizes")
+
+
+def _check_variance(node: Node, names) -> None:
+    if node.op is Op.EINSUM:
+        eq: Einsum = node.arg
+        occ: dict[str, list] = {}
+        for s, x in zip(eq.inputs, node.src):
+            for ch, ix in zip(s, x.indices):
+                occ.setdefault(ch, []).append(ix)
+        for ch, ixs in occ.items():
+            spaces = {ix.space for ix in ixs if ix.space != UNIT and ix.size != 1}
+            if len(spaces) > 1:
+                _fail(node, names, f"letter '{ch}' joins indices of different spaces {sorted(spaces)}")
+            if ch in eq.output or ch in eq.metric:
+                continue
+            var = [ix.variance for ix in ixs if ix.size != 1 or ix.space != UNIT]
+            if not var or all(v is Variance.BATCH for v in var):
+                continue
+            if len(var) == 2 and set(var) == {Variance.UP, Variance.LOW}:
+                continue
+            kinds = ", ".join(f"{ix.name}{ix.variance.value}" for ix in ixs)
+            if len(var) == 2 and var[0] is var[1]:
+                word = "two lower" if var[0] is Variance.LOW else "two upper"
+                _fail(node, names, f"contracts {word} indices over letter '{ch}' ({kinds}) without a metric")
+            _fail(node, names, f"letter '{ch}' ({kinds}) is summed but is not an upper/lower pair")
+    elif node.op in (Op.ADD, Op.SUB):
+        x, y = node.src
+        n = node.ndim
+        for k in range(n):
+            ix = x.indices[k - n + x.ndim] if k - n + x.ndim >= 0 else None
+            iy = y.indices[k - n + y.ndim] if k - n + y.ndim >= 0 else None
+            if ix is None or iy is None or ix.size == 1 or iy.size == 1:
+                continue
+            if ix.variance is not iy.variance:
+                _fail(node, names, f"{node.op.name.lower()} of indices with different variance in axis {k}: "
+                                   f"{ix} and {iy} (a vector plus a covector needs a metric)")
+            if ix.space != iy.space:
+                _fail(node, names, f"{node.op.name.lower()} of indices from different spaces in axis {k}: "
+                                   f"{ix.space} and {iy.space}")
+
+
+def verify(program: Program) -> Program:
+    """Check a program; raise :class:`VerificationError` naming the offending node."""
+    names: dict[int, str] = {}
+    for k, node in enumerate(program.nodes):
+        for s in node.src:
+            if id(s) not in names:
+                _fail(node, names, f"source %{s.uid} ({s.op.name}) is not scheduled before its use")
+        names[id(node)] = f"%{k}"
+        _check_shape(node, names)
+        _check_variance(node, names)
+    for key, out in program.outputs.items():
+        if id(out) not in names:
+            raise VerificationError(f"output '{key}' is not in the schedule")
+    return program

@@ -1,0 +1,1 @@
+"""hogc's rewrite passes: named pure functions IR -> IR (importable as ``hogc.passes``)."""

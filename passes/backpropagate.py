@@ -1,0 +1,59 @@
+"""backpropagate: reverse mode over the IR, with extra batch indices and per-sample layout."""
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from hogc.errors import MissingRuleError
+from hogc.ir import Index, Node, Op, build as B, topological_order
+
+from .vjp_rules import VjpContext, vjp_rules
+
+__all__ = ["backpropagate", "depends_on"]
+
+
+def depends_on(nodes: Iterable[Node], leaves: set[int]) -> set[int]:
+    """uids of the nodes (in topological order) that depend on any of ``leaves``."""
+    dep = set(leaves)
+    for n in nodes:
+        if any(s.uid in dep for s in n.src):
+            dep.add(n.uid)
+    return dep
+
+
+def backpropagate(output: Node, seed: Node, lead: tuple[Index, ...], wrt: dict[str, Node]) -> dict[str, Node]:
+    """Cotangents of ``wrt`` given the cotangent ``seed`` of ``output``.
+
+    Args:
+        output: the model output (has a sample axis).
+        seed: its cotangent, indices ``lead + dual(output.indices)``.
+        lead: the extra batch indices carried through (``()`` for the gradient, the
+            columns of the loss-Hessian square root for the GGN).
+        wrt: parameter input nodes by name.
+
+    Returns:
+        Per-sample cotangents by name, indices ``lead + (n,) + dual(param.indices)``;
+        parameters the output does not depend on are missing.
+    """
+    order = topological_order([output])
+    dep = depends_on(order, {p.uid for p in wrt.values()})
+    sample = output.indices[output.sample_axis()]
+    ctx = VjpContext(tuple(lead), sample, lambda s: s.uid in dep)
+    pending: dict[int, list[Node]] = {output.uid: [seed]}
+    result: dict[int, Node] = {}
+    for node in reversed(order):
+        parts = pending.pop(node.uid, None)
+        if not parts:
+            continue
+        cot = parts[0]
+        for p in parts[1:]:
+            cot = B.add(cot, p)
+        if node.op is Op.INPUT:
+            result[node.uid] = cot
+            continue
+        rule = vjp_rules.get(node.op)
+        if rule is None:
+            raise MissingRuleError(f"no reverse-mode rule for op {node.op.name} (at {node.where})")
+        for src, c in zip(node.src, rule(node, cot, ctx)):
+            if c is not None and src.uid in dep:
+                pending.setdefault(src.uid, []).append(c)
+    return {name: result[p.uid] for name, p in wrt.items() if p.uid in result}

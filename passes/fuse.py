@@ -1,0 +1,110 @@
+"""fuse_einsums: merge connected multilinear ops into one tensor network per consumer.
+
+An EINSUM operand that is itself an EINSUM is inlined when it has no other user, or when
+it is *expanding* (its result is larger than its operands, like the per-sample gradient
+``g_{no} x_{ni} -> G_{noi}``): recomputing it inside the consumer is then cheaper than
+materializing it. Sums of expanding einsums are distributed. With the path search
+afterwards, ``sum_{oi} (g_{no} x_{ni})^2`` becomes ``(sum_o g^2)(sum_i x^2)`` on its own.
+"""
+from __future__ import annotations
+
+import math
+
+from hogc.ir import Node, Op, Program, build as B
+from hogc.ir.node import Einsum
+
+from .vjp_rules import _fresh_letters
+
+__all__ = ["fuse_einsums", "MAX_TERMS"]
+
+MAX_TERMS = 16  # cap on the number of einsums a distributed sum may produce
+
+
+def _expanding(p: Node) -> bool:
+    return p.op is Op.EINSUM and math.prod(p.shape) > sum(math.prod(s.shape) for s in p.src)
+
+
+def _inline(e: Node, k: int) -> Node:
+    """Inline operand k (an EINSUM) of einsum e."""
+    eq: Einsum = e.arg
+    p = e.src[k]
+    peq: Einsum = p.arg
+    mapping = dict(zip(peq.output, eq.inputs[k]))
+    used = "".join(eq.inputs) + eq.output
+    inner = [ch for ch in dict.fromkeys("".join(peq.inputs)) if ch not in mapping]
+    fresh = _fresh_letters(used, len(inner))
+    mapping.update(zip(inner, fresh))
+    new_inputs = list(eq.inputs[:k]) + list(eq.inputs[k + 1:]) + ["".join(mapping[c] for c in s) for s in peq.inputs]
+    new_src = list(e.src[:k]) + list(e.src[k + 1:]) + list(p.src)
+    metric = eq.metric | {mapping[c] for c in peq.metric}
+    return B.einsum(new_inputs, eq.output, new_src, metric=metric, out_indices=e.indices)
+
+
+def _distribute(e: Node, k: int) -> list[Node]:
+    """einsum(..., a + b, ...) -> [einsum(..., a, ...), einsum(..., b, ...)] (signs kept)."""
+    terms = _terms(e.src[k])
+    out = []
+    for sign, t in terms:
+        src = list(e.src)
+        src[k] = t
+        r = B.einsum(e.arg.inputs, e.arg.output, src, metric=e.arg.metric, out_indices=e.indices)
+        out.append((sign, r))
+    return out
+
+
+def _terms(n: Node) -> list[tuple[float, Node]]:
+    if n.op in (Op.ADD, Op.SUB) and n.src[0].shape == n.src[1].shape == n.shape:
+        a, b = _terms(n.src[0]), _terms(n.src[1])
+        if n.op is Op.SUB:
+            b = [(-s, t) for s, t in b]
+        return a + b
+    return [(1.0, n)]
+
+
+def _fuse(e: Node, uses: dict[int, int]) -> Node:
+    """Fuse einsum ``e`` with its producers; may return a sum of einsums."""
+    pending = [(1.0, e)]
+    done: list[tuple[float, Node]] = []
+    while pending:
+        sign, cur = pending.pop()
+        if cur.op is not Op.EINSUM:
+            done.append((sign, cur))
+            continue
+        for k, p in enumerate(cur.src):
+            if p.op is Op.EINSUM and (uses.get(p.uid, 0) <= 1 or _expanding(p)):
+                pending.append((sign, _inline(cur, k)))
+                break
+            terms = _terms(p)
+            if len(terms) > 1 and all(_expanding(t) for _, t in terms) and \
+                    len(pending) + len(done) + len(terms) <= MAX_TERMS:
+                pending.extend((sign * s, t) for s, t in _distribute(cur, k))
+                break
+        else:
+            done.append((sign, cur))
+    total = None
+    for sign, t in done:
+        if total is None:
+            total = t if sign > 0 else B.scale(t, -1.0)
+        else:
+            total = B.add(total, t) if sign > 0 else B.sub(total, t)
+    return total
+
+
+def fuse_einsums(program: Program) -> Program:
+    uses: dict[int, int] = {}
+    for n in program.nodes:
+        for s in n.src:
+            uses[s.uid] = uses.get(s.uid, 0) + 1
+    for out in program.outputs.values():
+        uses[out.uid] = uses.get(out.uid, 0) + 1
+    new: dict[int, Node] = {}
+    for node in program.nodes:
+        src = tuple(new[s.uid] for s in node.src)
+        n2 = node if src == node.src else node.replace(src=src)
+        if n2 is not node:
+            uses[n2.uid] = uses.get(node.uid, 0)
+        if n2.op is Op.EINSUM:
+            n2 = _fuse(n2, uses)
+            uses[n2.uid] = uses.get(node.uid, 0)
+        new[node.uid] = n2
+    return Program.of({k: new[v.uid] for k, v in program.outputs.items()})

@@ -1,0 +1,235 @@
+"""infer_indices: assign every axis of the forward program a vector space and a variance.
+
+Data axes are upper (vectors) and the sample axis is a batch index. Each op relates the
+axes of its output to those of its inputs: elementwise ops and broadcasting keep space and
+variance; a contraction pairs an upper with a lower index of one space. A union-find with
+parity solves these relations; parameters thereby get mixed variance (``W^o_i``). Where
+the model contracts two vectors (``q . k``), the contraction uses the Euclidean metric,
+which the rebuilt einsum records explicitly.
+"""
+from __future__ import annotations
+
+from hogc.errors import SampleMixingError
+from hogc.ir import SAMPLE, UNIT, Einsum, Index, Node, Op, Program, Variance
+from hogc.ir.printer import format_node
+
+__all__ = ["infer_indices"]
+
+_UP, _BATCH = ("anchor", "up"), ("anchor", "batch")
+
+
+class _ParityUF:
+    def __init__(self):
+        self.parent: dict = {}
+        self.parity: dict = {}
+
+    def find(self, a):
+        if a not in self.parent:
+            self.parent[a], self.parity[a] = a, 0
+            return a, 0
+        path = []
+        while self.parent[a] != a:
+            path.append(a)
+            a = self.parent[a]
+        root = a
+        # path compression with parities
+        acc = 0
+        for node in reversed(path):
+            acc ^= self.parity[node]
+            self.parity[node] = acc
+            self.parent[node] = root
+        return root, (self.parity[path[0]] if path else 0)
+
+    def union(self, a, b, parity: int) -> bool:
+        """Relate a and b (parity 0: same variance, 1: opposite). False on contradiction."""
+        ra, pa = self.find(a)
+        rb, pb = self.find(b)
+        if ra == rb:
+            return (pa ^ pb) == parity
+        self.parent[rb] = ra
+        self.parity[rb] = pa ^ pb ^ parity
+        return True
+
+
+class _UF:
+    def __init__(self):
+        self.parent: dict = {}
+
+    def find(self, a):
+        self.parent.setdefault(a, a)
+        while self.parent[a] != a:
+            self.parent[a] = self.parent[self.parent[a]]
+            a = self.parent[a]
+        return a
+
+    def union(self, a, b):
+        self.parent[self.find(b)] = self.find(a)
+
+
+def _reshape_groups(src: tuple[int, ...], dst: tuple[int, ...]):
+    """Pairs (input axes, output axes) of equal product, skipping size-1 axes."""
+    i = j = 0
+    groups = []
+    while i < len(src) or j < len(dst):
+        if i < len(src) and src[i] == 1:
+            i += 1
+            continue
+        if j < len(dst) and dst[j] == 1:
+            j += 1
+            continue
+        gi, gj, pi, pj = [i], [j], src[i], dst[j]
+        i, j = i + 1, j + 1
+        while pi != pj:
+            if pi < pj:
+                pi *= src[i]
+                gi.append(i)
+                i += 1
+            else:
+                pj *= dst[j]
+                gj.append(j)
+                j += 1
+        groups.append((gi, gj))
+    return groups
+
+
+def infer_indices(program: Program) -> Program:
+    """Rebuild the forward program with resolved spaces and variances."""
+    var, space = _ParityUF(), _UF()
+    metric: dict[int, set[str]] = {}
+
+    def same(a, b, same_space=True):
+        if same_space:
+            space.union(a, b)
+        var.union(a, b, 0)
+
+    for node in program.nodes:
+        u = node.uid
+        out = [(u, k) for k in range(node.ndim)]
+        if node.op is Op.INPUT and node.arg[0] == "data":
+            for k, ix in enumerate(node.indices):
+                var.union(_BATCH if ix.space == SAMPLE else _UP, (u, k), 0)
+                if ix.space == SAMPLE:
+                    space.union(("space", SAMPLE), (u, k))
+        elif node.op is Op.ELEMENTWISE:
+            for s in node.src:
+                for k in range(node.ndim):
+                    same((s.uid, k), out[k])
+        elif node.op in (Op.ADD, Op.SUB, Op.MUL, Op.DIV):
+            for s in node.src:
+                off = node.ndim - s.ndim
+                for k in range(s.ndim):
+                    if s.shape[k] == node.shape[k + off]:
+                        same((s.uid, k), out[k + off])
+        elif node.op is Op.EINSUM:
+            eq: Einsum = node.arg
+            occ: dict[str, list] = {}
+            for s, x in zip(eq.inputs, node.src):
+                for k, ch in enumerate(s):
+                    if x.shape[k] != 1:
+                        occ.setdefault(ch, []).append((x.uid, k))
+            for k, ch in enumerate(eq.output):
+                occ.setdefault(ch, []).append(out[k])
+            for ch, elems in occ.items():
+                for e in elems[1:]:
+                    space.union(elems[0], e)
+                if ch in eq.output:
+                    for e in elems[1:]:
+                        var.union(elems[0], e, 0)
+                elif len(elems) == 2 and not var.union(elems[0], elems[1], 1):
+                    metric.setdefault(u, set()).add(ch)
+        elif node.op is Op.SUM:
+            kept = [k for k in range(node.src[0].ndim) if k not in node.arg]
+            for k, kk in enumerate(kept):
+                same((node.src[0].uid, kk), out[k])
+        elif node.op is Op.RESHAPE:
+            x = node.src[0]
+            for gi, gj in _reshape_groups(x.shape, node.shape):
+                one = len(gi) == 1 and len(gj) == 1
+                for a in gi:
+                    for b in gj:
+                        same((x.uid, a), (u, b), same_space=one)
+        elif node.op is Op.PERMUTE:
+            for k, p in enumerate(node.arg):
+                same((node.src[0].uid, p), out[k])
+        elif node.op is Op.EXPAND:
+            x = node.src[0]
+            off = node.ndim - x.ndim
+            for k in range(x.ndim):
+                if x.shape[k] == node.shape[k + off]:
+                    same((x.uid, k), out[k + off])
+        elif node.op in (Op.SLICE, Op.INDEX, Op.CAT):
+            dim = node.arg if node.op is Op.CAT else node.arg[0]
+            for s in node.src:
+                for k in range(node.ndim):
+                    same((s.uid, k), out[k], same_space=(k != dim))
+
+    # --- resolve classes -------------------------------------------------------------
+    up_root, up_par = var.find(_UP)
+    batch_root, _ = var.find(_BATCH)
+    sample_space = space.find(("space", SAMPLE))
+    names: dict = {}
+
+    def resolve(node: Node, k: int) -> Index:
+        e = (node.uid, k)
+        size = node.shape[k]
+        if size == 1 and node.indices[k].space in (UNIT,):
+            return node.indices[k]
+        r, p = var.find(e)
+        sroot = space.find(e)
+        if r == batch_root or sroot == sample_space:
+            if sroot != sample_space:
+                return Index("b", size, "batch", Variance.BATCH)
+            return Index("n", size, SAMPLE, Variance.BATCH)
+        if r == up_root:
+            v = Variance.UP if p == up_par else Variance.LOW
+        else:
+            v = Variance.UP if p == 0 else Variance.LOW
+        if sroot not in names:
+            names[sroot] = f"h{len(names)}"
+        return Index(names[sroot], size, names[sroot], v)
+
+    new: dict[int, Node] = {}
+    for node in program.nodes:
+        idx = []
+        for k in range(node.ndim):
+            ix = resolve(node, k)
+            if any(i.name == ix.name for i in idx) and ix.space != UNIT:
+                ix = Index(ix.name + "'" * sum(i.space == ix.space for i in idx), ix.size, ix.space, ix.variance)
+            idx.append(ix)
+        arg = node.arg
+        if node.op is Op.EINSUM and node.uid in metric:
+            arg = Einsum(arg.inputs, arg.output, arg.metric | frozenset(metric[node.uid]))
+        rebuilt = Node(node.op, tuple(new[s.uid] for s in node.src), arg, tuple(idx), node.where)
+        _check_samples(node, rebuilt)
+        new[node.uid] = rebuilt
+    return Program.of({k: new[v.uid] for k, v in program.outputs.items()})
+
+
+def _check_samples(old: Node, node: Node) -> None:
+    """Per-sample quantities need every op to act on samples independently."""
+    def fail(what: str):
+        raise SampleMixingError(
+            f"{what} in {old.where or 'the model'} ({format_node(node, {})}): this couples the samples of "
+            f"a batch, so hogc's per-sample derivative programs do not apply")
+
+    in_s = [s.has_sample for s in node.src]
+    if node.op is Op.EINSUM:
+        eq = node.arg
+        for s, x in zip(eq.inputs, node.src):
+            ax = x.sample_axis()
+            if ax is not None and s[ax] not in eq.output:
+                fail("a contraction over the sample axis")
+    elif node.op is Op.SUM and node.src[0].has_sample and not node.has_sample:
+        fail("a sum over the sample axis")
+    elif node.op in (Op.SLICE, Op.INDEX, Op.CAT):
+        dim = node.arg if node.op is Op.CAT else node.arg[0]
+        if any(x.sample_axis() == dim for x in node.src):
+            fail("slicing, indexing or concatenating along the sample axis")
+        if node.op is Op.CAT and len(set(in_s)) > 1:
+            fail("concatenating per-sample and shared tensors")
+    elif node.op is Op.RESHAPE and node.src[0].has_sample:
+        x = node.src[0]
+        ax = x.sample_axis()
+        if not any(ix.space == SAMPLE for ix in node.indices):
+            fail("a reshape that merges the sample axis with others")
+        del ax

@@ -76,7 +76,9 @@ def unbroadcast(t: Node, x: Node, node: Node, ctx: VjpContext) -> Node:
     out += "".join(D[k + off] for k in kept)
     layout = ctx.layout(x)
     xl = ctx.nlead(x)
-    r = B.einsum([L], out, [t], out_indices=layout[:xl] + tuple(layout[xl + k] for k in kept))
+    # summing over broadcast axes pairs them with a vector of ones: basis-dependent, so explicit
+    summed = "".join(ch for ch in L if ch not in out)
+    r = B.einsum([L], out, [t], metric=summed, out_indices=layout[:xl] + tuple(layout[xl + k] for k in kept))
     return B.reshape(r, [i.size for i in layout], layout)
 
 

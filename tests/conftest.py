@@ -1,0 +1,7 @@
+import os
+
+os.environ.setdefault("HOGC_VERIFY", "1")  # the IR verifier runs after every pass in the tests
+
+import torch  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

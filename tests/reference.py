@@ -1,0 +1,85 @@
+"""Independent torch.func references (float64) for every quantity."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, jacrev, hessian, vmap
+
+
+def _loss_fn(lf: nn.Module):
+    if isinstance(lf, nn.CrossEntropyLoss):
+        return lambda f, y: F.cross_entropy(f, y, reduction="sum")
+    if isinstance(lf, nn.MSELoss):
+        return lambda f, y: F.mse_loss(f, y, reduction="sum")
+    return lambda f, y: F.binary_cross_entropy_with_logits(f, y, reduction="sum")
+
+
+def _scale(lf: nn.Module, out: torch.Tensor) -> float:
+    if lf.reduction == "sum":
+        return 1.0
+    return 1.0 / (out.shape[0] if isinstance(lf, nn.CrossEntropyLoss) else out.numel())
+
+
+class Reference:
+    """Quantities of ``lf(model(x), y)`` computed the textbook way with torch.func."""
+
+    def __init__(self, model: nn.Module, lf: nn.Module, x: torch.Tensor, y: torch.Tensor):
+        self.model, self.lf, self.x, self.y = model, lf, x, y
+        self.params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
+        with torch.no_grad():
+            self.out = model(x)
+        self.r = _scale(lf, self.out)
+        self.ell = _loss_fn(lf)
+
+    def f1(self, p, xn):  # model on one sample
+        return functional_call(self.model, p, (xn.unsqueeze(0),)).squeeze(0)
+
+    def share(self, p, xn, yn):  # one sample's share of the loss
+        return self.r * self.ell(self.f1(p, xn).unsqueeze(0), yn.unsqueeze(0))
+
+    def loss(self):
+        return self.lf(functional_call(self.model, self.params, (self.x,)), self.y)
+
+    def grad(self):
+        return grad(lambda p: self.lf(functional_call(self.model, p, (self.x,)), self.y))(self.params)
+
+    def batch_grad(self):
+        return vmap(grad(self.share), in_dims=(None, 0, 0))(self.params, self.x, self.y)
+
+    def batch_l2(self):
+        return {k: (v**2).flatten(1).sum(1) for k, v in self.batch_grad().items()}
+
+    def sum_grad_squared(self):
+        return {k: (v**2).sum(0) for k, v in self.batch_grad().items()}
+
+    def variance(self):
+        N = self.x.shape[0]
+        g, s = self.grad(), self.sum_grad_squared()
+        return {k: s[k] / N - (g[k] / N) ** 2 for k in g}
+
+    def jacobians(self):
+        """Per-sample Jacobians of the (flattened) output: {name: (N, O, *param)}."""
+        J = vmap(jacrev(self.f1), in_dims=(None, 0))(self.params, self.x)
+        N = self.x.shape[0]
+        return {k: v.reshape(N, -1, *self.params[k].shape) for k, v in J.items()}
+
+    def output_hessians(self):
+        """Per-sample Hessians of the sample's loss share w.r.t. the flattened output: (N, O, O)."""
+        def h1(fn, yn):
+            shape = fn.shape
+            return hessian(lambda f: self.r * self.ell(f.reshape(shape).unsqueeze(0), yn.unsqueeze(0)))(fn.flatten())
+        return vmap(h1)(self.out, self.y)
+
+    def batch_ggn_diag(self):
+        J, H = self.jacobians(), self.output_hessians()
+        return {k: torch.einsum("no...,nop,np...->n...", v, H, v) for k, v in J.items()}
+
+    def ggn_diag(self):
+        return {k: v.sum(0) for k, v in self.batch_ggn_diag().items()}
+
+    def mc_diag_given(self, S: torch.Tensor):
+        """GGN diagonal from given per-sample output factors S (M, N, *out)."""
+        J = self.jacobians()
+        Sf = S.reshape(S.shape[0], S.shape[1], -1)
+        return {k: torch.einsum("mno,no...->mn...", Sf, v).pow(2).sum((0, 1)) for k, v in J.items()}

@@ -33,17 +33,23 @@ class ElementwiseFn:
     inverse: sp.Expr | None = None  # x as a function of y, if y-forms should be tried
     y_positive: bool = False  # the inverse only holds for y > 0 (e.g. sqrt)
     y_forms: bool = True  # try substituting y = f(x) into the derivatives
+    example_params: tuple = ()  # parameter values the test suite uses
+    domain: str = "real"  # "real" or "positive": where the test suite samples x
 
 
 ELEMENTWISE_FNS: dict[str, ElementwiseFn] = {}
 
 
 def register_elementwise(name: str, expr, forward: Callable, params: tuple[str, ...] = (),
-                         inverse=None, y_positive: bool = False, y_forms: bool = True) -> ElementwiseFn:
+                         inverse=None, y_positive: bool = False, y_forms: bool = True,
+                         example_params: tuple = (), domain: str = "real") -> ElementwiseFn:
     """Register an elementwise function. Duplicate names are an error."""
     if name in ELEMENTWISE_FNS:
         raise ValueError(f"elementwise function '{name}' is already registered")
-    fn = ElementwiseFn(name, sp.sympify(expr), tuple(params), forward, inverse, y_positive, y_forms)
+    if len(example_params) != len(params):
+        raise ValueError(f"'{name}': give example_params for the parameters {params} (the tests use them)")
+    fn = ElementwiseFn(name, sp.sympify(expr), tuple(params), forward, inverse, y_positive, y_forms,
+                       tuple(example_params), domain)
     ELEMENTWISE_FNS[name] = fn
     return fn
 
@@ -59,6 +65,11 @@ def _new_denominator(cand: sp.Expr, ref: sp.Expr) -> bool:
 
 class Sigmoid(sp.Function):
     """sigmoid as a sympy function, so derivatives stay in the stable form s (1 - s)."""
+
+    @classmethod
+    def eval(cls, arg):
+        if arg.is_Number:
+            return 1 / (1 + sp.exp(-arg))
 
     def fdiff(self, argindex=1):
         return Sigmoid(self.args[0]) * (1 - Sigmoid(self.args[0]))
@@ -188,23 +199,24 @@ _softplus = sp.Piecewise((x, b * x > t), (sp.log(1 + sp.exp(b * x)) / b, True))
 
 register_elementwise("neg", -x, torch.neg)
 register_elementwise("exp", sp.exp(x), torch.exp, inverse=sp.log(y), y_positive=True)
-register_elementwise("log", sp.log(x), torch.log)
-register_elementwise("sqrt", sp.sqrt(x), torch.sqrt, inverse=y**2, y_positive=True)
-register_elementwise("rsqrt", 1 / sp.sqrt(x), torch.rsqrt)
-register_elementwise("reciprocal", 1 / x, torch.reciprocal, inverse=1 / y)
+register_elementwise("log", sp.log(x), torch.log, domain="positive")
+register_elementwise("sqrt", sp.sqrt(x), torch.sqrt, inverse=y**2, y_positive=True, domain="positive")
+register_elementwise("rsqrt", 1 / sp.sqrt(x), torch.rsqrt, domain="positive")
+register_elementwise("reciprocal", 1 / x, torch.reciprocal, inverse=1 / y, domain="positive")
 register_elementwise("abs", sp.Abs(x), torch.abs)
-register_elementwise("pow", x**p, lambda x_, p_: x_**p_, params=("p",),
+register_elementwise("pow", x**p, lambda x_, p_: x_**p_, params=("p",), example_params=(2.5,), domain="positive",
                      y_forms=False)  # p*y/x would divide by zero at x = 0
 register_elementwise("sin", sp.sin(x), torch.sin)
 register_elementwise("cos", sp.cos(x), torch.cos)
 register_elementwise("relu", sp.Max(x, 0), torch.relu)
 register_elementwise("leaky_relu", sp.Piecewise((x, x > 0), (negative_slope * x, True)),
-                     F.leaky_relu, params=("negative_slope",))
+                     F.leaky_relu, params=("negative_slope",), example_params=(0.2,))
 register_elementwise(
     "elu", sp.Piecewise((s * x, x > 0), (s * a * (sp.exp(x * input_scale) - 1), True)),
-    lambda x_, al, sc, ins: torch.ops.aten.elu(x_, al, sc, ins), params=("alpha", "scale", "input_scale"))
+    lambda x_, al, sc, ins: torch.ops.aten.elu(x_, al, sc, ins), params=("alpha", "scale", "input_scale"),
+    example_params=(1.3, 1.1, 0.8))
 register_elementwise("softplus", _softplus, lambda x_, be, th: F.softplus(x_, be, th),
-                     params=("beta", "threshold"))
+                     params=("beta", "threshold"), example_params=(1.5, 2.0))
 register_elementwise("sigmoid", _sig, torch.sigmoid)
 register_elementwise("tanh", sp.tanh(x), torch.tanh, inverse=sp.atanh(y))
 register_elementwise("logsigmoid", sp.log(_sig), F.logsigmoid)

@@ -1,0 +1,93 @@
+"""Bad input gets a hogc error that names the problem."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import hogc
+
+
+class Cumsum(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+
+    def forward(self, x):
+        return torch.cumsum(self.lin(x), dim=1)
+
+
+class Branchy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow
+            return self.lin(x)
+        return -self.lin(x)
+
+
+def test_unsupported_op_names_op_module_line_and_supported_list():
+    model = nn.Sequential(nn.Linear(3, 3), Cumsum())
+    fn = hogc.compile(model, "grad")
+    with pytest.raises(hogc.UnsupportedOpError) as e:
+        fn(torch.randn(4, 3), torch.randint(0, 3, (4,)))
+    msg = str(e.value)
+    assert "cumsum" in msg and "module '1'" in msg and "test_errors.py" in msg and "torch.cumsum" in msg
+    assert "linear" in msg and "tanh" in msg  # the supported list
+
+
+def test_unknown_quantity_lists_valid_ones():
+    with pytest.raises(hogc.UnknownQuantityError, match="unknown quantity 'ggn_diagonal'.*ggn_diag"):
+        hogc.compile(nn.Linear(2, 2), "ggn_diagonal")
+
+
+@pytest.mark.parametrize("loss,y,match", [
+    (nn.CrossEntropyLoss(), torch.randint(0, 3, (5,)), r"target shape \(5,\).*\(4,\)"),
+    (nn.CrossEntropyLoss(), torch.rand(4, 3), "class indices"),
+    (nn.MSELoss(), torch.randn(4, 2), r"target shape \(4, 2\) != model output shape \(4, 3\)"),
+    (nn.BCEWithLogitsLoss(), torch.ones(4, 3, dtype=torch.long), "floating point"),
+])
+def test_target_that_does_not_fit_the_loss(loss, y, match):
+    fn = hogc.compile(nn.Linear(2, 3), "grad", loss=loss)
+    with pytest.raises(hogc.TargetShapeError, match=match):
+        fn(torch.randn(4, 2), y)
+
+
+def test_data_dependent_control_flow():
+    fn = hogc.compile(Branchy(), "grad")
+    with pytest.raises(hogc.TraceError, match="data-dependent control flow"):
+        fn(torch.randn(4, 3), torch.randint(0, 3, (4,)))
+
+
+def test_integer_input():
+    fn = hogc.compile(nn.Linear(3, 2), "grad")
+    with pytest.raises(hogc.InputDtypeError, match="torch.int64"):
+        fn(torch.ones(4, 3, dtype=torch.long), torch.randint(0, 2, (4,)))
+
+
+def test_unsupported_loss():
+    with pytest.raises(hogc.UnsupportedLossError, match="NLLLoss"):
+        hogc.compile(nn.Linear(3, 2), "grad", loss=nn.NLLLoss())
+
+
+def test_sample_mixing_is_an_error():
+    class Mix(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x):
+            h = self.lin(x)
+            return h - h.mean(0)
+
+    fn = hogc.compile(Mix(), "batch_grad")
+    with pytest.raises(hogc.SampleMixingError, match="sum over the sample axis"):
+        fn(torch.randn(4, 3), torch.randint(0, 2, (4,)))
+
+
+def test_errors_share_one_base_class():
+    for cls in (hogc.UnsupportedOpError, hogc.UnknownQuantityError, hogc.TargetShapeError, hogc.TraceError,
+                hogc.InputDtypeError, hogc.VerificationError, hogc.UnsupportedLossError):
+        assert issubclass(cls, hogc.HogcError)

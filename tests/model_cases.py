@@ -76,7 +76,10 @@ CASES = [
     Case("mlp_relu_mse_sum", lambda: nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)),
          lambda: nn.MSELoss(reduction="sum"), (5, 4), sequential=True),
     Case("mlp_tanh_bce_mean", lambda: nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)),
-         nn.BCEWithLogitsLoss, (7, 4), sequential=True),
+         nn.BCEWithLogitsLoss, (7, 4)),
+    # BackPACK's BCEWithLogitsLoss supports scalar outputs only
+    Case("mlp_elu_bce1_sum", lambda: nn.Sequential(nn.Linear(4, 5), nn.ELU(), nn.Linear(5, 1)),
+         lambda: nn.BCEWithLogitsLoss(reduction="sum"), (6, 4), sequential=True),
     Case("residual_mlp_ce_sum", lambda: ResidualMLP(8, 10, 4, depth=2), lambda: nn.CrossEntropyLoss(reduction="sum"),
          (5, 8)),
     Case("multiplied_branches_ce_mean", MultipliedBranches, nn.CrossEntropyLoss, (6, 6)),

@@ -51,8 +51,63 @@ def _binary(g, node, args, gm):
     return _fn(g, _BIN[node.op], *args)
 
 
+#: a contraction over fewer elements than this, next to shared batch letters, runs as
+#: multiply-then-sum: torch.einsum would lower it to a bmm over tiny matrices.
+SMALL_CONTRACTION = 32
+
+
+def _size(node: Node) -> dict[str, int]:
+    sizes: dict[str, int] = {}
+    for s, x in zip(node.arg.inputs, node.src):
+        sizes.update(zip(s, x.shape))
+    return sizes
+
+
+def _mul_sum(g, node, args):
+    """Emit a pairwise einsum as broadcast multiply and sum (Hadamard products, squares)."""
+    eq = node.arg
+    (sa, sb), out = eq.inputs, eq.output
+    order = list(dict.fromkeys(sa + sb))
+    sizes = _size(node)
+
+    def align(v, s):
+        perm = [s.index(c) for c in order if c in s]
+        if perm != list(range(len(s))):
+            v = _fn(g, torch.permute, v, perm)
+        shape = [sizes[c] if c in s else 1 for c in order]
+        if len(shape) != len(s):
+            v = _fn(g, torch.reshape, v, shape)
+        return v
+
+    v = _fn(g, operator.mul, align(args[0], sa), align(args[1], sb))
+    summed = [k for k, c in enumerate(order) if c not in out]
+    if summed:
+        v = _fn(g, torch.sum, v, summed)
+    rest = [c for c in order if c in out]
+    if rest != list(out):
+        v = _fn(g, torch.permute, v, [rest.index(c) for c in out])
+    return v
+
+
+def _prefers_mul_sum(node: Node) -> bool:
+    eq = node.arg
+    if len(eq.inputs) != 2:
+        return False
+    sizes = _size(node)
+    shared = set(eq.inputs[0]) & set(eq.inputs[1])
+    contracted = [c for c in shared if c not in eq.output]
+    batch = [c for c in shared if c in eq.output]
+    k = 1
+    for c in contracted:
+        k *= sizes[c]
+    no_reuse = set(eq.inputs[0]) <= shared or set(eq.inputs[1]) <= shared  # a product with no matrix
+    return not contracted or no_reuse or bool(batch and k < SMALL_CONTRACTION)
+
+
 @emitter(Op.EINSUM)
 def _einsum(g, node, args, gm):
+    if _prefers_mul_sum(node):
+        return _mul_sum(g, node, args)
     eq = node.arg
     letters = dict.fromkeys("".join(eq.inputs) + eq.output)
     if len(letters) > len(_ASCII):

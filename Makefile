@@ -1,0 +1,31 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+# Each creates the virtual environment it needs (torch 2.13.0 CPU build; BackPACK --no-deps).
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+STAMP   = $(VENV)/.hogc-installed
+
+.PHONY: demo test bench env clean
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test]"
+	# BackPACK is a test reference; --no-deps keeps pip from pulling a GPU build of torch
+	$(PY) -m pip install -q --no-deps backpack-for-pytorch unfoldNd
+	touch $(STAMP)
+
+env: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m hogc.demo
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+bench: $(STAMP)
+	$(PY) benchmarks/first_order.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

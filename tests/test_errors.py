@@ -91,3 +91,32 @@ def test_errors_share_one_base_class():
     for cls in (hogc.UnsupportedOpError, hogc.UnknownQuantityError, hogc.TargetShapeError, hogc.TraceError,
                 hogc.InputDtypeError, hogc.VerificationError, hogc.UnsupportedLossError):
         assert issubclass(cls, hogc.HogcError)
+
+
+def test_detach_of_parameter_dependent_value():
+    class Det(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x):
+            h = self.lin(x)
+            return h * h.detach()
+
+    fn = hogc.compile(Det(), "grad")
+    with pytest.raises(hogc.UnsupportedOpError, match="detach"):
+        fn(torch.randn(4, 3), torch.randint(0, 2, (4,)))
+
+
+def test_dtype_conversion_inside_the_model():
+    class Cast(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.lin(x).double()
+
+    fn = hogc.compile(Cast(), "grad")
+    with pytest.raises(hogc.UnsupportedOpError, match="float32 -> torch.float64"):
+        fn(torch.randn(4, 3), torch.randint(0, 2, (4,)))

@@ -93,7 +93,7 @@ def _addmm(c, a, b, beta=1, alpha=1):
 
 
 @lowering("einsum")
-def _einsum(eq: str, operands):
+def _einsum(eq: str, operands, path=None):
     eq = eq.replace(" ", "")
     lhs, _, rhs = eq.partition("->")
     terms = lhs.split(",")
@@ -467,9 +467,11 @@ def lower_graph(gm: torch.fx.GraphModule, param_names: list[str], trainable: set
         if "fx_node" in code:
             extra["fx_node"] = node
         if "out_dtype" in code:
-            if hasattr(val_meta, "dtype") and args[0].op is not Op.CONST and \
-                    not val_meta.dtype.is_floating_point:
-                raise UnsupportedOpError(f"conversion to {val_meta.dtype} in {where}")
+            src_meta = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else None
+            if hasattr(val_meta, "dtype") and getattr(src_meta, "dtype", val_meta.dtype) != val_meta.dtype \
+                    and args[0].op is not Op.CONST:
+                raise UnsupportedOpError(f"dtype conversion {src_meta.dtype} -> {val_meta.dtype} inside the model "
+                                         f"in {where}: hogc runs the whole program in the input's dtype")
             extra["out_dtype"] = getattr(val_meta, "dtype", None)
         try:
             with provenance(where):

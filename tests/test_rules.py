@@ -86,3 +86,14 @@ def test_vjp_rule_matches_autograd(op):
             want = torch.stack([torch.autograd.grad(y[i], vals[k], seed_v[i], retain_graph=True)[0]
                                 for i in range(N)])
         torch.testing.assert_close(res[f"cot/{k}"], want, rtol=1e-12, atol=1e-12)
+
+
+def test_docs_ops_list_is_current():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "docs" / "gen_ops.py"
+    spec = importlib.util.spec_from_file_location("gen_ops", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert (path.with_name("ops.md")).read_text() == mod.render(), "run `python docs/gen_ops.py`"

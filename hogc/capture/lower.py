@@ -20,7 +20,7 @@ __all__ = ["lower_graph", "LOWERINGS", "supported_ops"]
 
 LOWERINGS: dict[str, Callable] = {}
 #: ATen ops that are the identity for hogc (copies, aliases).
-IDENTITY = {"clone", "contiguous", "alias", "lift_fresh_copy", "detach_", "view_as_real_copy"}
+IDENTITY = {"clone", "contiguous", "alias", "lift_fresh_copy", "detach_"}
 
 
 def lowering(*names: str):
@@ -228,14 +228,14 @@ def _reshape_like(x, *a, out_shape):
     return B.reshape(x, out_shape)
 
 
-@lowering("t", "transpose", "swapaxes", "permute", "movedim", "numpy_T")
+@lowering("t", "transpose", "swapaxes", "permute", "movedim")
 def _perm(x, *a, out_shape, fx_node):
     name = fx_node.target.__name__.split(".")[0]
     if name == "permute":
         perm = list(a[0])
     else:
         perm = list(range(x.ndim))
-        if name in ("t", "numpy_T"):
+        if name == "t":
             perm = perm[::-1]
         elif name == "movedim":
             src, dst = a
@@ -363,8 +363,7 @@ def _to(x, *a, out_dtype, **kw):
 
 # --- factories (constants) -----------------------------------------------------------
 
-@lowering("ones", "zeros", "full", "arange", "eye", "scalar_tensor", "ones_like", "zeros_like",
-          "full_like", "tensor", "empty_like")
+@lowering("ones", "zeros", "full", "arange", "eye", "ones_like", "zeros_like", "full_like", "tensor")
 def _factory(*a, fx_node, **kw):
     raise AssertionError("factories are evaluated in lower_graph")
 
@@ -382,8 +381,7 @@ def _op_name(node: torch.fx.Node) -> str:
     return getattr(t, "__name__", str(t)).split(".")[0]
 
 
-_FACTORIES = {"ones", "zeros", "full", "arange", "eye", "scalar_tensor", "ones_like", "zeros_like",
-              "full_like", "tensor", "empty_like"}
+_FACTORIES = {"ones", "zeros", "full", "arange", "eye", "ones_like", "zeros_like", "full_like", "tensor"}
 
 
 def lower_graph(gm: torch.fx.GraphModule, param_names: list[str], trainable: set[str],

@@ -1,0 +1,31 @@
+"""Regenerate docs/ops.md from the rule tables: ``python docs/gen_ops.py``."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from hogc.capture.lower import supported_ops
+from hogc.ir import Op
+from hogc.passes.elementwise import ELEMENTWISE_FNS, derivative_expr
+from hogc.passes.vjp_rules import vjp_rules
+
+
+def render() -> str:
+    lines = ["# Supported ops", "",
+             "Generated from the rule tables by `python docs/gen_ops.py` (a test fails when this file is stale;",
+             "`tests/test_lowerings.py` fails when a lowering has no test case).", "",
+             "## ATen ops the capture lowers (`hogc/capture/lower.py`)", "",
+             ", ".join(f"`{o}`" for o in supported_ops()), "",
+             "An op outside this list raises `hogc.UnsupportedOpError` with its name, the module path,",
+             "the source line and this list.", "",
+             "## Elementwise functions (`passes/elementwise.py`), first derivative as stored", "",
+             "| function | f' (in x, or in y = f(x) where cheaper) |", "|---|---|"]
+    lines += [f"| `{n}` | `{derivative_expr(n, 1)}` |" for n in ELEMENTWISE_FNS]
+    lines += ["", "## IR ops with a reverse-mode rule (`passes/vjp_rules.py`)", "",
+              ", ".join(f"`{o.name}`" for o in Op if o in vjp_rules), "",
+              "## Losses", "",
+              "`CrossEntropyLoss` (class-index targets), `MSELoss`, `BCEWithLogitsLoss`; reduction `mean` or `sum`.", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    Path(__file__).with_name("ops.md").write_text(render())

@@ -43,9 +43,10 @@ class CompiledFunction:
         self._last: _Specialization | None = None
 
     # --- specialization --------------------------------------------------------------
-    def _key(self, x, y) -> tuple:
-        ps = tuple((p.dtype, p.device, tuple(p.shape), p.requires_grad) for p in self.model.parameters())
-        return (tuple(x.shape), x.dtype, x.device, tuple(y.shape), y.dtype, ps)
+    @staticmethod
+    def _key(x, y, named) -> tuple:
+        ps = tuple((p.dtype, p.device, p.shape, p.requires_grad) for _, p in named)
+        return (x.shape, x.dtype, x.device, getattr(y, "shape", None), getattr(y, "dtype", None), ps)
 
     def _specialize(self, x: torch.Tensor, y: torch.Tensor) -> _Specialization:
         model = self.model
@@ -85,11 +86,12 @@ class CompiledFunction:
         inputs = [i for i in inputs if i in used or i[0] in ("data", "target")]
         return _Specialization(program, unopt, emit(program, inputs), inputs)
 
-    def specialize(self, x: torch.Tensor, y: torch.Tensor) -> _Specialization:
+    def specialize(self, x: torch.Tensor, y: torch.Tensor, named=None) -> _Specialization:
         """Compile (or fetch from the cache) the program for these input shapes and dtypes."""
         if not isinstance(x, torch.Tensor):
             raise InputDtypeError(f"x must be a tensor, got {type(x).__name__}")
-        key = self._key(x, y)
+        named = list(self.model.named_parameters()) if named is None else named
+        key = self._key(x, y, named)
         spec = self._cache.get(key)
         if spec is None:
             spec = self._cache[key] = self._specialize(x, y)
@@ -98,9 +100,9 @@ class CompiledFunction:
 
     # --- calling -------------------------------------------------------------------------
     def __call__(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None):
-        spec = self.specialize(x, y)
-        values = {("param", k): p for k, p in self.model.named_parameters()}
-        values.update({("buffer", k): p for k, p in self.model.named_parameters()})
+        named = list(self.model.named_parameters())
+        spec = self.specialize(x, y, named)
+        values = {("param" if p.requires_grad else "buffer", k): p for k, p in named}
         values.update({("buffer", k): b for k, b in self.model.named_buffers()})
         values[("data", "x")] = x
         values[("target", "y")] = y
@@ -108,7 +110,7 @@ class CompiledFunction:
             values[("rng", "generator")] = self._rng(x.device, generator)
         with torch.no_grad():
             flat = spec.gm(*[values[i] for i in spec.inputs])
-        return self._assemble(flat, spec, x)
+        return self._assemble(flat, spec, x, named)
 
     def _rng(self, device, generator):
         if generator is not None:
@@ -120,10 +122,10 @@ class CompiledFunction:
                       int(torch.randint(0, 2**62, (1,)).item()))
         return g
 
-    def _assemble(self, flat, spec: _Specialization, x):
+    def _assemble(self, flat, spec: _Specialization, x, named):
         values = dict(zip(spec.program.outputs, flat))
         result = {}
-        params = [(k, p) for k, p in self.model.named_parameters() if p.requires_grad]
+        params = [(k, p) for k, p in named if p.requires_grad]
         for qname in self.quantities:
             q = get_quantity(qname)
             if not q.per_param:

@@ -104,10 +104,63 @@ def _prefers_mul_sum(node: Node) -> bool:
     return not contracted or no_reuse or bool(batch and k < SMALL_CONTRACTION)
 
 
+def _sum_permute(g, node, args):
+    """A one-operand einsum: sum the missing letters, then order the rest."""
+    (s,), out = node.arg.inputs, node.arg.output
+    v = args[0]
+    summed = [k for k, c in enumerate(s) if c not in out]
+    if summed:
+        v = _fn(g, torch.sum, v, summed)
+    rest = [c for c in s if c in out]
+    if rest != list(out):
+        v = _fn(g, torch.permute, v, [rest.index(c) for c in out])
+    return v
+
+
+def _as_matmul(g, node, args):
+    """A pairwise einsum with no batch letters and nothing summed on one side alone is a
+    matrix product: permute to (free, contracted) x (contracted, free), reshape, ``mm``.
+    Returns None if the einsum has another form."""
+    (sa, sb), out = node.arg.inputs, node.arg.output
+    if len(set(sa)) != len(sa) or len(set(sb)) != len(sb):
+        return None
+    shared = set(sa) & set(sb)
+    con = [c for c in sa if c in shared]
+    if not con or any(c in out for c in shared) or any(c not in out for c in set(sa) ^ set(sb)):
+        return None
+    sizes = _size(node)
+    fa, fb = [c for c in sa if c not in shared], [c for c in sb if c not in shared]
+
+    def mat(v, s, first, second):
+        perm = [s.index(c) for c in first + second]
+        if perm != list(range(len(s))):
+            v = _fn(g, torch.permute, v, perm)
+        rows = 1
+        for c in first:
+            rows *= sizes[c]
+        if len(first) != 1 or len(second) != 1:
+            v = _fn(g, torch.reshape, v, [rows, -1])
+        return v
+
+    v = _fn(g, torch.mm, mat(args[0], sa, fa, con), mat(args[1], sb, con, fb))
+    order = fa + fb
+    if len(order) != 2:
+        v = _fn(g, torch.reshape, v, [sizes[c] for c in order])
+    if order != list(out):
+        v = _fn(g, torch.permute, v, [order.index(c) for c in out])
+    return v
+
+
 @emitter(Op.EINSUM)
 def _einsum(g, node, args, gm):
+    if len(node.src) == 1:
+        return _sum_permute(g, node, args)
     if _prefers_mul_sum(node):
         return _mul_sum(g, node, args)
+    if len(node.src) == 2:
+        v = _as_matmul(g, node, args)
+        if v is not None:
+            return v
     eq = node.arg
     letters = dict.fromkeys("".join(eq.inputs) + eq.output)
     if len(letters) > len(_ASCII):

@@ -10,7 +10,7 @@ which the rebuilt einsum records explicitly.
 from __future__ import annotations
 
 from hogc.errors import SampleMixingError
-from hogc.ir import SAMPLE, UNIT, Einsum, Index, Node, Op, Program, Variance
+from hogc.ir import SAMPLE, UNIT, Einsum, Index, Node, Op, Program, Variance, build as B
 from hogc.ir.printer import format_node
 
 __all__ = ["infer_indices"]
@@ -66,32 +66,6 @@ class _UF:
         self.parent[self.find(b)] = self.find(a)
 
 
-def _reshape_groups(src: tuple[int, ...], dst: tuple[int, ...]):
-    """Pairs (input axes, output axes) of equal product, skipping size-1 axes."""
-    i = j = 0
-    groups = []
-    while i < len(src) or j < len(dst):
-        if i < len(src) and src[i] == 1:
-            i += 1
-            continue
-        if j < len(dst) and dst[j] == 1:
-            j += 1
-            continue
-        gi, gj, pi, pj = [i], [j], src[i], dst[j]
-        i, j = i + 1, j + 1
-        while pi != pj:
-            if pi < pj:
-                pi *= src[i]
-                gi.append(i)
-                i += 1
-            else:
-                pj *= dst[j]
-                gj.append(j)
-                j += 1
-        groups.append((gi, gj))
-    return groups
-
-
 def infer_indices(program: Program) -> Program:
     """Rebuild the forward program with resolved spaces and variances."""
     var, space = _ParityUF(), _UF()
@@ -143,7 +117,7 @@ def infer_indices(program: Program) -> Program:
                 same((node.src[0].uid, kk), out[k])
         elif node.op is Op.RESHAPE:
             x = node.src[0]
-            for gi, gj in _reshape_groups(x.shape, node.shape):
+            for gi, gj in B.reshape_groups(x.shape, node.shape):
                 one = len(gi) == 1 and len(gj) == 1
                 for a in gi:
                     for b in gj:

@@ -19,6 +19,8 @@ from ..ir.node import provenance
 __all__ = ["lower_graph", "LOWERINGS", "supported_ops"]
 
 LOWERINGS: dict[str, Callable] = {}
+#: Factories: evaluated at capture into constants.
+_FACTORIES = {"ones", "zeros", "full", "arange", "eye", "ones_like", "zeros_like", "full_like", "tensor"}
 #: ATen ops that are the identity for hogc (copies, aliases).
 IDENTITY = {"clone", "contiguous", "alias", "lift_fresh_copy", "detach_"}
 
@@ -34,7 +36,7 @@ def lowering(*names: str):
 
 
 def supported_ops() -> list[str]:
-    return sorted(set(LOWERINGS) | IDENTITY)
+    return sorted(set(LOWERINGS) | IDENTITY | _FACTORIES)
 
 
 def _fresh(shape, tag: str) -> tuple[Index, ...]:
@@ -361,13 +363,6 @@ def _to(x, *a, out_dtype, **kw):
     return x
 
 
-# --- factories (constants) -----------------------------------------------------------
-
-@lowering("ones", "zeros", "full", "arange", "eye", "ones_like", "zeros_like", "full_like", "tensor")
-def _factory(*a, fx_node, **kw):
-    raise AssertionError("factories are evaluated in lower_graph")
-
-
 def _location(node: torch.fx.Node) -> Where:
     from .trace import source_line
     return Where(node.meta.get("hogc_module", ""), source_line(node.meta.get("stack_trace")),
@@ -381,7 +376,6 @@ def _op_name(node: torch.fx.Node) -> str:
     return getattr(t, "__name__", str(t)).split(".")[0]
 
 
-_FACTORIES = {"ones", "zeros", "full", "arange", "eye", "ones_like", "zeros_like", "full_like", "tensor"}
 
 
 def lower_graph(gm: torch.fx.GraphModule, param_names: list[str], trainable: set[str],

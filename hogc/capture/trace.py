@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import traceback
 
 import torch
 from torch import nn
@@ -93,7 +94,7 @@ def trace_model(model: nn.Module, x: torch.Tensor) -> torch.fx.GraphModule:
                 "values); hogc traces one program for all inputs of a shape, so rewrite the branch "
                 "with torch.where or move it out of the model") if data_dep else \
             "torch.fx could not trace the model"
-        where = source_line("".join(__import__("traceback").format_tb(e.__traceback__)))
+        where = source_line("".join(traceback.format_tb(e.__traceback__)))
         raise TraceError(f"{hint}: {type(e).__name__}: {msg}" + (f" (at {where})" if where else "")) from e
     for node in gm.graph.nodes:
         if "hogc_module" not in node.meta:

@@ -190,24 +190,12 @@ def _expand(g, node, args, gm):
     return g.call_method("expand", (args[0], list(node.arg)))
 
 
-@emitter(Op.SLICE)
-def _slice(g, node, args, gm):
-    return _fn(g, R.slice_dim, args[0], *node.arg)
+_STRUCTURAL = {Op.SLICE: R.slice_dim, Op.PAD: R.pad_dim, Op.INDEX: R.index_dim, Op.INDEX_ADD: R.index_add_dim}
 
 
-@emitter(Op.PAD)
-def _pad(g, node, args, gm):
-    return _fn(g, R.pad_dim, args[0], *node.arg)
-
-
-@emitter(Op.INDEX)
-def _index(g, node, args, gm):
-    return _fn(g, R.index_dim, args[0], *node.arg)
-
-
-@emitter(Op.INDEX_ADD)
-def _index_add(g, node, args, gm):
-    return _fn(g, R.index_add_dim, args[0], *node.arg)
+@emitter(*_STRUCTURAL)
+def _structural(g, node, args, gm):
+    return _fn(g, _STRUCTURAL[node.op], args[0], *node.arg)
 
 
 @emitter(Op.CAT)

@@ -17,7 +17,7 @@ from .ops import Op
 __all__ = [
     "letters", "inp", "const", "const_tensor", "elementwise", "binary", "add", "sub", "mul",
     "div", "einsum", "sum_dims", "reshape", "permute", "expand", "slice_", "pad", "index",
-    "index_add", "cat", "unsqueeze", "broadcast_indices", "scale",
+    "index_add", "cat", "unsqueeze", "broadcast_indices", "scale", "reshape_groups",
 ]
 
 
@@ -112,40 +112,47 @@ def sum_dims(x: Node, dims: Sequence[int], where=None) -> Node:
     return Node(Op.SUM, (x,), dims, kept, where)
 
 
-def _reshape_indices(src: tuple[Index, ...], shape: tuple[int, ...]) -> tuple[Index, ...]:
-    """Group input and output axes into runs of equal products; 1-1 runs keep the index."""
-    out: list[Index] = []
+def reshape_groups(src: Sequence[int], dst: Sequence[int]) -> list[tuple[list[int], list[int]]]:
+    """Runs (input axes, output axes) of equal size product, size-1 axes left out."""
     i = j = 0
-    while j < len(shape) or i < len(src):
-        if j < len(shape) and shape[j] == 1 and not (i < len(src) and src[i].size == 1):
-            out.append(unit())
-            j += 1
-            continue
-        if i < len(src) and src[i].size == 1 and not (j < len(shape) and shape[j] == 1):
+    groups = []
+    while i < len(src) or j < len(dst):
+        if i < len(src) and src[i] == 1:
             i += 1
             continue
-        gi, gj = [i], [j]
-        pi, pj = src[i].size, shape[j]
+        if j < len(dst) and dst[j] == 1:
+            j += 1
+            continue
+        gi, gj, pi, pj = [i], [j], src[i], dst[j]
         i, j = i + 1, j + 1
         while pi != pj:
             if pi < pj:
-                pi *= src[i].size
+                pi *= src[i]
                 gi.append(i)
                 i += 1
             else:
-                pj *= shape[j]
+                pj *= dst[j]
                 gj.append(j)
                 j += 1
+        groups.append((gi, gj))
+    return groups
+
+
+def _reshape_indices(src: tuple[Index, ...], shape: tuple[int, ...]) -> tuple[Index, ...]:
+    """A run of one input and one output axis keeps the index; merged or split axes get a
+    product space; size-1 axes are unit indices."""
+    out: list[Index] = [unit()] * len(shape)
+    for gi, gj in reshape_groups([i.size for i in src], shape):
         group = [src[k] for k in gi]
         if len(gi) == 1 and len(gj) == 1:
-            out.append(group[0])
+            out[gj[0]] = group[0]
             continue
         var = {g.variance for g in group if g.space != UNIT}
         v = var.pop() if len(var) == 1 else Variance.BATCH
         space = "(" + "*".join(g.space for g in group) + ")"
         for k, jj in enumerate(gj):
             name = "".join(g.name for g in group) + (f"/{k}" if len(gj) > 1 else "")
-            out.append(Index(name, shape[jj], space if len(gj) == 1 else f"{space}/{k}", v))
+            out[jj] = Index(name, shape[jj], space if len(gj) == 1 else f"{space}/{k}", v)
     return tuple(out)
 
 

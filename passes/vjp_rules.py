@@ -20,7 +20,7 @@ from hogc.ir.node import Einsum
 
 from . import elementwise as E
 
-__all__ = ["vjp_rules", "VjpContext", "cot_indices"]
+__all__ = ["vjp_rules", "rule_kinds", "VjpContext", "cot_indices", "deflinear", "defmultilinear", "defrule"]
 
 
 @dataclass(frozen=True)
@@ -41,15 +41,48 @@ def cot_indices(v: Node, lead: tuple[Index, ...], sample: Index) -> tuple[Index,
 
 
 vjp_rules: dict[Op, Callable] = {}
+#: the structural kind of each op's rule: "linear" (the rule is the transpose; second
+#: derivatives vanish), "multilinear" (linear in each source separately: einsum, Hadamard
+#: product), "elementwise" (sympy-derived), or "custom".
+rule_kinds: dict[Op, str] = {}
 
 
-def defrule(*ops: Op):
-    def deco(fn):
-        for op in ops:
-            if op in vjp_rules:
-                raise ValueError(f"VJP rule for {op} registered twice")
-            vjp_rules[op] = fn
-        return fn
+def _register(ops, kind: str, rule: Callable) -> None:
+    for op in ops:
+        if op in vjp_rules:
+            raise ValueError(f"VJP rule for {op} registered twice")
+        vjp_rules[op] = rule
+        rule_kinds[op] = kind
+
+
+def _per_source(kind: str, *ops: Op):
+    """Register ``transpose(node, cot, ctx, k)``, the cotangent of source k, for every source that
+    needs one (the rest get the structural zero ``None``)."""
+    def deco(transpose):
+        def rule(node, cot, ctx):
+            return [transpose(node, cot, ctx, k) if ctx.needs(s) else None for k, s in enumerate(node.src)]
+        rule.__name__ = f"vjp_{transpose.__name__.strip('_')}"
+        _register(ops, kind, rule)
+        return transpose
+    return deco
+
+
+def deflinear(*ops: Op):
+    """An op linear in its sources: its VJP is its transpose, with no other operand involved."""
+    return _per_source("linear", *ops)
+
+
+def defmultilinear(*ops: Op):
+    """An op linear in each source separately: source k's cotangent is the op with the cotangent in
+    place of source k, transposed; it involves the other operands (a bilinear cross term)."""
+    return _per_source("multilinear", *ops)
+
+
+def defrule(kind: str, *ops: Op):
+    """A hand-written rule ``rule(node, cot, ctx) -> [cotangent or None per source]``."""
+    def deco(rule):
+        _register(ops, kind, rule)
+        return rule
     return deco
 
 
@@ -93,54 +126,41 @@ def _broadcast_back(t: Node, x: Node, node: Node, ctx: VjpContext, missing: list
     return B.expand(r, [i.size for i in layout], layout)
 
 
-@defrule(Op.EINSUM)
-def _einsum(node: Node, cot: Node, ctx: VjpContext):
+@defmultilinear(Op.EINSUM)
+def _einsum(node: Node, cot: Node, ctx: VjpContext, k: int) -> Node:
     eq: Einsum = node.arg
+    x = node.src[k]
     used = "".join(eq.inputs) + eq.output
-    nl = ctx.nlead(node)
-    lead = _fresh_letters(used, nl)
+    lead = _fresh_letters(used, ctx.nlead(node))
     cot_s = lead + eq.output
-    outs = []
-    for k, x in enumerate(node.src):
-        if not ctx.needs(x):
-            outs.append(None)
-            continue
-        s_k = eq.inputs[k]
-        res_lead = lead
-        if node.has_sample and not x.has_sample:
-            res_lead = lead + eq.output[node.sample_axis()]
-        others = [(eq.inputs[j], node.src[j]) for j in range(len(node.src)) if j != k]
-        present = set(cot_s) | set("".join(s for s, _ in others))
-        missing = [d for d, ch in enumerate(s_k) if ch not in present]
-        layout = ctx.layout(x)
-        xl = ctx.nlead(x)
-        kept = [d for d in range(x.ndim) if d not in missing]
-        r = B.einsum([cot_s] + [s for s, _ in others], res_lead + "".join(s_k[d] for d in kept),
-                     [cot] + [o for _, o in others], metric=eq.metric,
-                     out_indices=layout[:xl] + tuple(layout[xl + d] for d in kept))
-        outs.append(_broadcast_back(r, x, node, ctx, missing) if missing else r)
-    return outs
+    s_k = eq.inputs[k]
+    res_lead = lead
+    if node.has_sample and not x.has_sample:
+        res_lead = lead + eq.output[node.sample_axis()]
+    others = [(eq.inputs[j], node.src[j]) for j in range(len(node.src)) if j != k]
+    present = set(cot_s) | set("".join(s for s, _ in others))
+    missing = [d for d, ch in enumerate(s_k) if ch not in present]
+    layout = ctx.layout(x)
+    xl = ctx.nlead(x)
+    kept = [d for d in range(x.ndim) if d not in missing]
+    r = B.einsum([cot_s] + [s for s, _ in others], res_lead + "".join(s_k[d] for d in kept),
+                 [cot] + [o for _, o in others], metric=eq.metric,
+                 out_indices=layout[:xl] + tuple(layout[xl + d] for d in kept))
+    return _broadcast_back(r, x, node, ctx, missing) if missing else r
 
 
-@defrule(Op.ADD, Op.SUB)
-def _add(node, cot, ctx):
-    a, b = node.src
-    ca = unbroadcast(cot, a, node, ctx) if ctx.needs(a) else None
-    cb = None
-    if ctx.needs(b):
-        t = B.scale(cot, -1.0) if node.op is Op.SUB else cot
-        cb = unbroadcast(t, b, node, ctx)
-    return [ca, cb]
+@deflinear(Op.ADD, Op.SUB)
+def _add(node, cot, ctx, k):
+    t = B.scale(cot, -1.0) if node.op is Op.SUB and k == 1 else cot
+    return unbroadcast(t, node.src[k], node, ctx)
 
 
-@defrule(Op.MUL)
-def _mul(node, cot, ctx):
-    a, b = node.src
-    return [unbroadcast(B.mul(cot, b), a, node, ctx) if ctx.needs(a) else None,
-            unbroadcast(B.mul(cot, a), b, node, ctx) if ctx.needs(b) else None]
+@defmultilinear(Op.MUL)
+def _mul(node, cot, ctx, k):
+    return unbroadcast(B.mul(cot, node.src[1 - k]), node.src[k], node, ctx)
 
 
-@defrule(Op.DIV)
+@defrule("custom", Op.DIV)
 def _div(node, cot, ctx):
     a, b = node.src
     ca = unbroadcast(B.div(cot, b), a, node, ctx) if ctx.needs(a) else None
@@ -148,7 +168,7 @@ def _div(node, cot, ctx):
     return [ca, cb]
 
 
-@defrule(Op.ELEMENTWISE)
+@defrule("elementwise", Op.ELEMENTWISE)
 def _elementwise(node, cot, ctx):
     fname, order, params = node.arg
     if order != 0:
@@ -165,72 +185,68 @@ def _elementwise(node, cot, ctx):
     return [B.mul(cot, d)]
 
 
-@defrule(Op.SUM)
-def _sum(node, cot, ctx):
+@deflinear(Op.SUM)
+def _sum(node, cot, ctx, k):
     x = node.src[0]
-    return [_broadcast_back(cot, x, node, ctx, list(node.arg))]
+    return _broadcast_back(cot, x, node, ctx, list(node.arg))
 
 
-@defrule(Op.RESHAPE)
-def _reshape(node, cot, ctx):
+@deflinear(Op.RESHAPE)
+def _reshape(node, cot, ctx, k):
     x = node.src[0]
     layout = ctx.layout(x)
-    return [B.reshape(cot, [i.size for i in layout], layout)]
+    return B.reshape(cot, [i.size for i in layout], layout)
 
 
-@defrule(Op.PERMUTE)
-def _permute(node, cot, ctx):
+@deflinear(Op.PERMUTE)
+def _permute(node, cot, ctx, k):
     nl = ctx.nlead(node)
     inv = [0] * len(node.arg)
-    for k, p in enumerate(node.arg):
-        inv[p] = k
-    return [B.permute(cot, list(range(nl)) + [nl + p for p in inv])]
+    for j, p in enumerate(node.arg):
+        inv[p] = j
+    return B.permute(cot, list(range(nl)) + [nl + p for p in inv])
 
 
-@defrule(Op.EXPAND)
-def _expand(node, cot, ctx):
-    return [unbroadcast(cot, node.src[0], node, ctx)]
+@deflinear(Op.EXPAND)
+def _expand(node, cot, ctx, k):
+    return unbroadcast(cot, node.src[0], node, ctx)
 
 
-@defrule(Op.SLICE)
-def _slice(node, cot, ctx):
+@deflinear(Op.SLICE)
+def _slice(node, cot, ctx, k):
     x = node.src[0]
     dim, start, stop, step = node.arg
     nl = ctx.nlead(node)
-    return [B.pad(cot, nl + dim, start, step, x.shape[dim], ctx.layout(x)[ctx.nlead(x) + dim])]
+    return B.pad(cot, nl + dim, start, step, x.shape[dim], ctx.layout(x)[ctx.nlead(x) + dim])
 
 
-@defrule(Op.PAD)
-def _pad(node, cot, ctx):
+@deflinear(Op.PAD)
+def _pad(node, cot, ctx, k):
     x = node.src[0]
     dim, start, step, size = node.arg
     nl = ctx.nlead(node)
     stop = start + step * (x.shape[dim] - 1) + 1
-    return [B.slice_(cot, nl + dim, start, stop, step, indices=ctx.layout(x))]
+    return B.slice_(cot, nl + dim, start, stop, step, indices=ctx.layout(x))
 
 
-@defrule(Op.INDEX)
-def _index(node, cot, ctx):
+@deflinear(Op.INDEX)
+def _index(node, cot, ctx, k):
     x = node.src[0]
     dim, idx = node.arg
     nl = ctx.nlead(node)
-    return [B.index_add(cot, nl + dim, idx, x.shape[dim], ctx.layout(x)[ctx.nlead(x) + dim])]
+    return B.index_add(cot, nl + dim, idx, x.shape[dim], ctx.layout(x)[ctx.nlead(x) + dim])
 
 
-@defrule(Op.INDEX_ADD)
-def _index_add(node, cot, ctx):
+@deflinear(Op.INDEX_ADD)
+def _index_add(node, cot, ctx, k):
     x = node.src[0]
     dim, idx, size = node.arg
-    return [B.index(cot, ctx.nlead(node) + dim, idx, indices=ctx.layout(x))]
+    return B.index(cot, ctx.nlead(node) + dim, idx, indices=ctx.layout(x))
 
 
-@defrule(Op.CAT)
-def _cat(node, cot, ctx):
+@deflinear(Op.CAT)
+def _cat(node, cot, ctx, k):
     dim = node.arg
-    nl = ctx.nlead(node)
-    outs, s = [], 0
-    for x in node.src:
-        n = x.shape[dim]
-        outs.append(B.slice_(cot, nl + dim, s, s + n, 1, indices=ctx.layout(x)) if ctx.needs(x) else None)
-        s += n
-    return outs
+    start = sum(x.shape[dim] for x in node.src[:k])
+    x = node.src[k]
+    return B.slice_(cot, ctx.nlead(node) + dim, start, start + x.shape[dim], 1, indices=ctx.layout(x))

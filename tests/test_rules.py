@@ -8,7 +8,7 @@ from hogc.emit.fx import EMITTERS, emit
 from hogc.ir import SAMPLE, Index, Op, Program, Variance, build as B
 from hogc.ir.ops import LEAF_OPS, LOSS_OPS
 from hogc.passes.backpropagate import backpropagate
-from hogc.passes.vjp_rules import cot_indices, vjp_rules
+from hogc.passes.vjp_rules import cot_indices, rule_kinds, vjp_rules
 
 N = 3
 _n = Index("n", N, SAMPLE, Variance.BATCH)
@@ -56,10 +56,14 @@ def test_every_op_has_an_emitter():
     assert not missing, f"ops without an emitter: {missing}"
 
 
-def test_rule_orders_table():
-    """Which ops have which rule orders (second-order rules arrive with Hessian backpropagation)."""
-    table = {op.name: ["vjp"] if op in vjp_rules else [] for op in Op}
-    assert table["EINSUM"] == ["vjp"] and table["LOSS"] == []
+def test_rule_kinds_table():
+    """Which ops have which rule orders and structural kind (second-order rules arrive with Hessian
+    backpropagation; a linear op's will be zero, a multilinear op's a cross term)."""
+    table = {op.name: (rule_kinds.get(op), ["vjp"] if op in vjp_rules else []) for op in Op}
+    assert table["EINSUM"] == ("multilinear", ["vjp"]) and table["MUL"][0] == "multilinear"
+    assert all(table[o][0] == "linear" for o in ("ADD", "SUB", "SUM", "RESHAPE", "PERMUTE", "EXPAND", "SLICE",
+                                                 "PAD", "INDEX", "INDEX_ADD", "CAT"))
+    assert table["ELEMENTWISE"][0] == "elementwise" and table["LOSS"] == (None, [])
 
 
 @pytest.mark.parametrize("op", sorted(vjp_rules, key=lambda o: o.name), ids=lambda o: o.name)

@@ -8,8 +8,6 @@ the same run: median wall time over repeats, float32, CPU. Prints a markdown tab
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 from torch import nn
@@ -18,19 +16,10 @@ from torch.func import functional_call, grad, vjp, vmap
 import hogc
 from hogc.emit import runtime as R
 from hogc.examples import mnist_mlp
+from hogc.timing import median_time
 
 QUANTITIES = ["grad", "batch_grad", "batch_l2", "sum_grad_squared", "variance", "ggn_diag", "ggn_diag_mc",
               "batch_ggn_diag"]
-
-
-def median_time(fn, repeat: int) -> float:
-    fn()
-    ts = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
 
 
 def backpack_runner(model, lf, x, y, quantity):

@@ -58,7 +58,7 @@ class CompiledFunction:
         gm = trace_model(model, x)
         out, params, x_node = lower_graph(gm, list(named), trainable, [k for k, _ in model.named_buffers()])
         check_target(self.spec, out.shape, y)
-        fwd = infer_indices(Program.of({"output": out}))
+        fwd = run_pipeline(Program.of({"output": out}), [infer_indices], self.verify, verify_input=False)
         out = fwd.outputs["output"]
         params = {n.arg[1]: n for n in fwd.inputs("param")}
         if out.sample_axis() != 0:
@@ -84,7 +84,8 @@ class CompiledFunction:
                  [("buffer", k) for k, _ in model.named_buffers()] + \
                  [("data", "x"), ("target", "y"), ("rng", "generator")]
         inputs = [i for i in inputs if i in used or i[0] in ("data", "target")]
-        return _Specialization(program, unopt, emit(program, inputs), inputs)
+        gm = emit(program, inputs).to(x.device)  # captured constants follow the inputs
+        return _Specialization(program, unopt, gm, inputs)
 
     def specialize(self, x: torch.Tensor, y: torch.Tensor, named=None) -> _Specialization:
         """Compile (or fetch from the cache) the program for these input shapes and dtypes."""

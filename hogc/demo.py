@@ -4,14 +4,13 @@ Run as ``python -m hogc.demo``.
 """
 from __future__ import annotations
 
-import time
-
 import torch
 from torch import nn
 from torch.func import functional_call, hessian, jacrev, vmap
 
 import hogc
 from hogc.examples import ResidualMLP
+from hogc.timing import median_time
 
 
 def brute_force_ggn_diag(model, x, y):
@@ -23,16 +22,6 @@ def brute_force_ggn_diag(model, x, y):
     N = x.shape[0]
     H = vmap(hessian(lambda f, yn: nn.functional.cross_entropy(f.unsqueeze(0), yn.unsqueeze(0)) / N))(out, y)
     return {k: torch.einsum("no...,nop,np...->...", v, H, v) for k, v in J.items()}
-
-
-def timeit(fn, repeat=20):
-    fn()
-    ts = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return sorted(ts)[len(ts) // 2]
 
 
 def main():
@@ -59,15 +48,15 @@ def main():
         model.zero_grad(set_to_none=True)
         lf(model(x), y).backward()
 
-    t0 = timeit(plain_grad)
+    t0 = median_time(plain_grad, 20)
     print("\n== time relative to the plain autograd gradient (median of 20) ==")
     print("| quantity | ms | x gradient |\n|---|---:|---:|")
     print(f"| autograd gradient | {t0 * 1e3:.2f} | 1.00 |")
     for q in ("grad", "batch_l2", "ggn_diag"):
         f = hogc.compile(model, q)
-        t = timeit(lambda: f(x, y))
+        t = median_time(lambda: f(x, y), 20)
         print(f"| hogc {q} | {t * 1e3:.2f} | {t / t0:.2f} |")
-    tb = timeit(lambda: brute_force_ggn_diag(model, x, y), repeat=3)
+    tb = median_time(lambda: brute_force_ggn_diag(model, x, y), 3)
     print(f"| brute-force ggn_diag (torch.func) | {tb * 1e3:.2f} | {tb / t0:.2f} |")
     if err > 1e-10 * max(1, scale):
         raise SystemExit(1)

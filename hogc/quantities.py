@@ -16,9 +16,9 @@ from typing import Callable
 
 from hogc.passes.backpropagate import backpropagate
 
+from .capture.losses import num_columns
 from .errors import UnknownQuantityError
 from .ir import COLUMN, Index, LossSpec, Node, Op, Variance, build as B, dual
-from .emit.runtime import num_columns
 
 __all__ = ["Quantity", "QUANTITIES", "register_quantity", "DerivativeBuilder", "get_quantity"]
 

@@ -22,9 +22,12 @@ def optimization_pipeline(optimize: str = "auto") -> list[Pass]:
     return [fuse_einsums, functools.partial(contract_pairwise, strategy=optimize)]
 
 
-def run_pipeline(program: Program, passes: Sequence[Pass], verify_each: bool | None = None) -> Program:
+def run_pipeline(program: Program, passes: Sequence[Pass], verify_each: bool | None = None,
+                 verify_input: bool = True) -> Program:
+    """Run ``passes`` in order; with verification on, check the input (unless it is provisional,
+    like the captured forward before ``infer_indices``) and the result of every pass."""
     check = VERIFY if verify_each is None else verify_each
-    if check:
+    if check and verify_input:
         verify(program)
     for p in passes:
         program = p(program)

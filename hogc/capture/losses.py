@@ -1,13 +1,15 @@
 """Loss modules hogc knows exactly: their value, gradient and symmetric Hessian square root."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
 from ..errors import TargetShapeError, UnsupportedLossError
 from ..ir import LossSpec
 
-__all__ = ["loss_spec", "check_target", "SUPPORTED_LOSSES"]
+__all__ = ["loss_spec", "check_target", "num_columns", "SUPPORTED_LOSSES"]
 
 SUPPORTED_LOSSES = {nn.CrossEntropyLoss: "cross_entropy", nn.MSELoss: "mse",
                     nn.BCEWithLogitsLoss: "bce_with_logits"}
@@ -50,3 +52,9 @@ def check_target(spec: LossSpec, out_shape: tuple[int, ...], y: torch.Tensor) ->
                                    f"{tuple(out_shape)}")
         if not y.is_floating_point():
             raise TargetShapeError(f"{spec.kind} target must be floating point, got {y.dtype}")
+
+
+def num_columns(spec: LossSpec, out_shape: tuple[int, ...]) -> int:
+    """Number of columns C of the exact loss-Hessian square root: the output size per sample
+    (classes for cross-entropy, every output element for MSE and BCE)."""
+    return math.prod(out_shape[1:])

@@ -12,9 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..ir import LossSpec
-
-__all__ = ["loss_value", "loss_grad", "loss_sqrt_hessian", "loss_sqrt_hessian_mc", "num_columns",
+__all__ = ["loss_value", "loss_grad", "loss_sqrt_hessian", "loss_sqrt_hessian_mc",
            "slice_dim", "pad_dim", "index_dim", "index_add_dim"]
 
 
@@ -22,11 +20,6 @@ def _scale(kind: str, reduction: str, f: torch.Tensor) -> float:
     if reduction == "sum":
         return 1.0
     return 1.0 / (f.shape[0] if kind == "cross_entropy" else f.numel())
-
-
-def num_columns(spec: LossSpec, out_shape: tuple[int, ...]) -> int:
-    """Number of columns C of the exact square root."""
-    return math.prod(out_shape[1:])
 
 
 def loss_value(f: torch.Tensor, y: torch.Tensor, kind: str, reduction: str) -> torch.Tensor:

@@ -10,7 +10,7 @@ from torch import nn
 from hogc.passes.infer_indices import infer_indices
 from hogc.passes.pipeline import optimization_pipeline, run_pipeline
 
-from .capture.losses import check_target, loss_spec
+from .capture.losses import check_class_range, check_target, loss_spec
 from .capture.lower import lower_graph
 from .capture.trace import trace_model
 from .emit.fx import emit
@@ -27,6 +27,7 @@ class _Specialization:
     unoptimized: Program
     gm: torch.fx.GraphModule
     inputs: list[tuple[str, str]]
+    num_classes: int | None  # cross-entropy: targets are checked against it on every call
 
 
 class CompiledFunction:
@@ -85,7 +86,8 @@ class CompiledFunction:
                  [("data", "x"), ("target", "y"), ("rng", "generator")]
         inputs = [i for i in inputs if i in used or i[0] in ("data", "target")]
         gm = emit(program, inputs).to(x.device)  # captured constants follow the inputs
-        return _Specialization(program, unopt, gm, inputs)
+        classes = out.shape[1] if self.spec.kind == "cross_entropy" else None
+        return _Specialization(program, unopt, gm, inputs, classes)
 
     def specialize(self, x: torch.Tensor, y: torch.Tensor, named=None) -> _Specialization:
         """Compile (or fetch from the cache) the program for these input shapes and dtypes."""
@@ -103,6 +105,8 @@ class CompiledFunction:
     def __call__(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None):
         named = list(self.model.named_parameters())
         spec = self.specialize(x, y, named)
+        if spec.num_classes is not None:
+            check_class_range(y, spec.num_classes)
         values = {("param" if p.requires_grad else "buffer", k): p for k, p in named}
         values.update({("buffer", k): b for k, b in self.model.named_buffers()})
         values[("data", "x")] = x

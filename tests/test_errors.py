@@ -46,6 +46,9 @@ def test_unknown_quantity_lists_valid_ones():
 @pytest.mark.parametrize("loss,y,match", [
     (nn.CrossEntropyLoss(), torch.randint(0, 3, (5,)), r"target shape \(5,\).*\(4,\)"),
     (nn.CrossEntropyLoss(), torch.rand(4, 3), "class indices"),
+    (nn.CrossEntropyLoss(), torch.tensor([0, 1, 2, 3]), r"must lie in \[0, 3\); got values in \[0, 3\]"),
+    (nn.CrossEntropyLoss(), torch.tensor([0, 1, -1, 2]), r"must lie in \[0, 3\)"),
+    (nn.CrossEntropyLoss(), torch.tensor([0, 1, 1, 2], dtype=torch.int32), r"torch.long.*y.long\(\)"),
     (nn.MSELoss(), torch.randn(4, 2), r"target shape \(4, 2\) != model output shape \(4, 3\)"),
     (nn.BCEWithLogitsLoss(), torch.ones(4, 3, dtype=torch.long), "floating point"),
 ])

@@ -9,7 +9,7 @@ from torch import nn
 from ..errors import TargetShapeError, UnsupportedLossError
 from ..ir import LossSpec
 
-__all__ = ["loss_spec", "check_target", "num_columns", "SUPPORTED_LOSSES"]
+__all__ = ["loss_spec", "check_target", "check_class_range", "num_columns", "SUPPORTED_LOSSES"]
 
 SUPPORTED_LOSSES = {nn.CrossEntropyLoss: "cross_entropy", nn.MSELoss: "mse",
                     nn.BCEWithLogitsLoss: "bce_with_logits"}
@@ -43,6 +43,9 @@ def check_target(spec: LossSpec, out_shape: tuple[int, ...], y: torch.Tensor) ->
         if y.is_floating_point():
             raise TargetShapeError("CrossEntropyLoss target must hold class indices (integer dtype); "
                                    f"got {y.dtype} (class probabilities are not supported yet)")
+        if y.dtype != torch.long:
+            raise TargetShapeError(f"CrossEntropyLoss class indices must be torch.long (int64), got {y.dtype}: "
+                                   f"pass y.long()")
         if tuple(y.shape) != out_shape[:1]:
             raise TargetShapeError(f"CrossEntropyLoss target shape {tuple(y.shape)} does not fit model "
                                    f"output {tuple(out_shape)}: expected ({out_shape[0]},) class indices")
@@ -58,3 +61,10 @@ def num_columns(spec: LossSpec, out_shape: tuple[int, ...]) -> int:
     """Number of columns C of the exact loss-Hessian square root: the output size per sample
     (classes for cross-entropy, every output element for MSE and BCE)."""
     return math.prod(out_shape[1:])
+
+
+def check_class_range(y: torch.Tensor, num_classes: int) -> None:
+    """Class indices must lie in [0, C): checked on every call (the values change, the shape not)."""
+    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+        raise TargetShapeError(f"CrossEntropyLoss class indices must lie in [0, {num_classes}); got values in "
+                               f"[{int(y.min())}, {int(y.max())}]")

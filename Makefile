@@ -9,7 +9,6 @@ STAMP   = $(VENV)/.hogc-installed
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[test]"
 	# BackPACK is a test reference; --no-deps keeps pip from pulling a GPU build of torch

@@ -123,3 +123,34 @@ def test_dtype_conversion_inside_the_model():
     fn = hogc.compile(Cast(), "grad")
     with pytest.raises(hogc.UnsupportedOpError, match="float32 -> torch.float64"):
         fn(torch.randn(4, 3), torch.randint(0, 2, (4,)))
+
+
+def test_inplace_mutation_of_a_live_alias():
+    class Alias(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, x):
+            h = self.lin(x)
+            flat = h.view(-1)
+            h.mul_(2)  # flat sees this in eager mode; an SSA program would not
+            return h + flat.view(h.shape)
+
+    fn = hogc.compile(Alias(), "grad")
+    with pytest.raises(hogc.UnsupportedOpError, match="in-place 'mul_'.*alias 'view' is read afterwards"):
+        fn(torch.randn(4, 3), torch.randint(0, 3, (4,)))
+
+
+def test_constant_index_out_of_range():
+    class OOR(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 4)
+
+        def forward(self, x):
+            return self.lin(x)[:, torch.tensor([0, 5, 2])]
+
+    fn = hogc.compile(OOR(), "grad")
+    with pytest.raises(hogc.HogcError, match="out of bounds"):
+        fn(torch.randn(4, 3), torch.randint(0, 3, (4,)))

@@ -140,3 +140,30 @@ UNREACHABLE = {  # lowerings for ATen ops that pre-dispatch tracing does not emi
 def test_every_lowering_has_a_case():
     missing = sorted(set(supported_ops()) - set(CASES) - UNREACHABLE - IDENTITY)
     assert not missing, f"lowerings without a test case in tests/test_lowerings.py: {missing}"
+
+
+class InPlace(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 3)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        h = self.act(self.a(x))
+        h = torch.cat([self.b(h), h[:, :1]], 1)
+        h += 1.0
+        h.mul_(torch.sigmoid(h[:, :1].clone()))
+        return torch.tanh_(h)
+
+
+def test_inplace_ops_lower_to_their_functional_twins():
+    torch.manual_seed(0)
+    model = InPlace().double()
+    x = torch.randn(N, 4, dtype=torch.float64)
+    y = torch.randint(0, 4, (N,))
+    out = hogc.compile(model, ("grad", "batch_grad", "ggn_diag"))(x, y)
+    ref = Reference(model, nn.CrossEntropyLoss(), x, y)
+    for q in ("grad", "batch_grad", "ggn_diag"):
+        want = getattr(ref, q)()
+        for k in want:
+            close(out[q][k], want[k])

@@ -19,6 +19,10 @@ from ..ir.node import provenance
 __all__ = ["lower_graph", "LOWERINGS", "supported_ops"]
 
 LOWERINGS: dict[str, Callable] = {}
+#: ATen ops whose result may alias their first argument (in-place ops must not mutate a live alias).
+VIEW_OPS = {"view", "reshape", "_unsafe_view", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as",
+            "reshape_as", "t", "transpose", "swapaxes", "permute", "movedim", "expand", "expand_as", "slice",
+            "narrow", "select", "split", "split_with_sizes", "chunk", "unbind", "alias", "detach", "getitem"}
 #: Factories: evaluated at capture into constants.
 _FACTORIES = {"ones", "zeros", "full", "arange", "eye", "ones_like", "zeros_like", "full_like", "tensor"}
 #: ATen ops that are the identity for hogc (copies, aliases).
@@ -286,6 +290,13 @@ def _select(x, dim, i):
     return B.reshape(y, x.shape[:dim] + x.shape[dim + 1:])
 
 
+def _checked_index(x: Node, dim: int, idx: tuple[int, ...]) -> Node:
+    try:
+        return B.index(x, dim, idx)
+    except IndexError as e:
+        raise UnsupportedOpError(f"constant index out of range: {e}") from None
+
+
 def _const_index(idx) -> tuple[int, ...]:
     if isinstance(idx, Node) and idx.op is Op.CONST and not isinstance(idx.arg, float):
         t = idx.arg.tensor
@@ -304,12 +315,12 @@ def _index(x, indices):
     if len(real) != 1:
         raise UnsupportedOpError("advanced indexing with more than one index tensor")
     d, i = real[0]
-    return B.index(x, d, _const_index(i))
+    return _checked_index(x, d, _const_index(i))
 
 
 @lowering("index_select")
 def _index_select(x, dim, idx):
-    return B.index(x, dim, _const_index(idx))
+    return _checked_index(x, dim, _const_index(idx))
 
 
 @lowering("cat", "concat", "concatenate")
@@ -414,6 +425,8 @@ def lower_graph(gm: torch.fx.GraphModule, param_names: list[str], trainable: set
         return a
 
     out = None
+    position = {n: k for k, n in enumerate(gm.graph.nodes)}
+    alias_root: dict[torch.fx.Node, torch.fx.Node] = {}
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             continue
@@ -427,6 +440,11 @@ def lower_graph(gm: torch.fx.GraphModule, param_names: list[str], trainable: set
             env[node] = B.const_tensor(t, _fresh(tuple(t.shape), node.name))
             continue
         name = _op_name(node)
+        if name.endswith("_") and not name.startswith("_") and name[:-1] in LOWERINGS:
+            _check_inplace(node, name, position, alias_root, where)
+            name = name[:-1]  # SSA: the in-place op's result is a new value
+        if name in VIEW_OPS and isinstance(node.args[0], torch.fx.Node):
+            alias_root[node] = alias_root.get(node.args[0], node.args[0])
         args, kwargs = val(node.args), {k: val(v) for k, v in node.kwargs.items()}
         if name == "getitem":
             env[node] = args[0][args[1]]
@@ -483,6 +501,20 @@ def lower_graph(gm: torch.fx.GraphModule, param_names: list[str], trainable: set
     if not isinstance(out, Node):
         raise UnsupportedOpError("the model must return a single tensor")
     return out, params, x_node
+
+
+def _check_inplace(node: torch.fx.Node, name: str, position, alias_root, where) -> None:
+    """An in-place op becomes its functional twin; refuse if a view of the mutated tensor (or the
+    tensor itself) is read after the mutation, since that read would have to see the new value."""
+    target = node.args[0]
+    root = alias_root.get(target, target)
+    group = [n for n in position if n is root or alias_root.get(n) is root]
+    for member in group:
+        for user in member.users:
+            if user is not node and position[user] > position[node]:
+                raise UnsupportedOpError(
+                    f"in-place '{name}' in {where} mutates a tensor whose alias '{member.name}' is read "
+                    f"afterwards by '{user.name}'; write it out of place (e.g. y = y + x)")
 
 
 def _ancestors(node: Node) -> list[Node]:

@@ -219,7 +219,11 @@ def pad(x: Node, dim: int, start: int, step: int, size: int, index: Index) -> No
 
 def index(x: Node, dim: int, idx: Sequence[int], indices=None, where=None) -> Node:
     dim %= x.ndim
-    idx = tuple(int(i) % x.shape[dim] for i in idx)
+    n = x.shape[dim]
+    bad = [int(i) for i in idx if not -n <= int(i) < n]
+    if bad:
+        raise IndexError(f"index {bad[0]} is out of bounds for an axis of size {n}")
+    idx = tuple(int(i) % n for i in idx)
     if indices is None:
         ii = list(x.indices)
         ii[dim] = _resized(ii[dim], len(idx), "[idx]")

@@ -66,6 +66,21 @@ class _UF:
         self.parent[self.find(b)] = self.find(a)
 
 
+def _unit_pairs(src: tuple[int, ...], dst: tuple[int, ...]) -> list[tuple[int, int]]:
+    """Size-1 axes of a reshape, paired in order among those at the same position (equal size
+    product before them)."""
+    def slots(shape):
+        out: dict[int, list[int]] = {}
+        p = 1
+        for k, d in enumerate(shape):
+            if d == 1:
+                out.setdefault(p, []).append(k)
+            p *= d
+        return out
+    a, b = slots(src), slots(dst)
+    return [pair for p in a.keys() & b.keys() for pair in zip(a[p], b[p])]
+
+
 def infer_indices(program: Program) -> Program:
     """Rebuild the forward program with resolved spaces and variances."""
     var, space = _ParityUF(), _UF()
@@ -97,9 +112,10 @@ def infer_indices(program: Program) -> Program:
         elif node.op is Op.EINSUM:
             eq: Einsum = node.arg
             occ: dict[str, list] = {}
+            big = {ch for s, x in zip(eq.inputs, node.src) for ch, d in zip(s, x.shape) if d != 1}
             for s, x in zip(eq.inputs, node.src):
                 for k, ch in enumerate(s):
-                    if x.shape[k] != 1:
+                    if x.shape[k] != 1 or ch not in big:  # skip only size-1 axes broadcast against others
                         occ.setdefault(ch, []).append((x.uid, k))
             for k, ch in enumerate(eq.output):
                 occ.setdefault(ch, []).append(out[k])
@@ -122,6 +138,8 @@ def infer_indices(program: Program) -> Program:
                 for a in gi:
                     for b in gj:
                         same((x.uid, a), (u, b), same_space=one)
+            for a, b in _unit_pairs(x.shape, node.shape):  # keeps a sample axis of size 1 (N = 1)
+                same((x.uid, a), (u, b))
         elif node.op is Op.PERMUTE:
             for k, p in enumerate(node.arg):
                 same((node.src[0].uid, p), out[k])
@@ -146,14 +164,14 @@ def infer_indices(program: Program) -> Program:
     def resolve(node: Node, k: int) -> Index:
         e = (node.uid, k)
         size = node.shape[k]
-        if size == 1 and node.indices[k].space in (UNIT,):
-            return node.indices[k]
         r, p = var.find(e)
         sroot = space.find(e)
         if r == batch_root or sroot == sample_space:
             if sroot != sample_space:
                 return Index("b", size, "batch", Variance.BATCH)
             return Index("n", size, SAMPLE, Variance.BATCH)
+        if size == 1 and node.indices[k].space == UNIT:
+            return node.indices[k]
         if r == up_root:
             v = Variance.UP if p == up_par else Variance.LOW
         else:
@@ -162,11 +180,19 @@ def infer_indices(program: Program) -> Program:
             names[sroot] = f"h{len(names)}"
         return Index(names[sroot], size, names[sroot], v)
 
+    data_dep: set[int] = set()
+    for node in program.nodes:
+        if (node.op is Op.INPUT and node.arg[0] == "data") or any(s.uid in data_dep for s in node.src):
+            data_dep.add(node.uid)
+
     new: dict[int, Node] = {}
     for node in program.nodes:
         idx = []
         for k in range(node.ndim):
             ix = resolve(node, k)
+            if ix.space == SAMPLE and node.uid not in data_dep:
+                # a parameter-only value broadcast against the samples (size 1 when N = 1)
+                ix = Index("1", ix.size, UNIT, Variance.BATCH) if ix.size == 1 else ix
             if any(i.name == ix.name for i in idx) and ix.space != UNIT:
                 ix = Index(ix.name + "'" * sum(i.space == ix.space for i in idx), ix.size, ix.space, ix.variance)
             idx.append(ix)

@@ -120,3 +120,32 @@ def test_unused_parameter_gets_zeros():
 def test_passes_are_importable_as_hogc_passes():
     mod = importlib.import_module("hogc.passes.fuse")
     assert hasattr(mod, "fuse_einsums") and hogc.passes.__name__ == "hogc.passes"
+
+
+def test_module_registered_under_two_names_keeps_its_weights():
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(shared, nn.Tanh(), shared, nn.Linear(4, 3))
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    hogc.compile(model, "grad")(x, y)
+    assert all(type(p) is nn.Parameter for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    model(x)  # still a working module
+
+
+def test_plain_tensor_attributes_are_constants():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+            self.scale = torch.tensor([1.0, 2.0, 3.0])  # not a buffer
+
+        def forward(self, x):
+            return self.lin(x) * self.scale
+
+    model = Scaled()
+    x, y = torch.randn(4, 3), torch.randint(0, 3, (4,))
+    got = hogc.compile(model, "grad")(x, y)
+    model.zero_grad()
+    nn.CrossEntropyLoss()(model(x), y).backward()
+    torch.testing.assert_close(got["lin.weight"], model.lin.weight.grad)

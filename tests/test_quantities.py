@@ -62,3 +62,19 @@ def test_batch_l2_is_norm_of_batch_grad(compiled):
     _, out, _, _ = compiled
     for k, g in out["batch_grad"].items():
         close(out["batch_l2"][k], (g**2).flatten(1).sum(1))
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_batch_of_one(case):
+    """N = 1: the sample axis has size 1 and must not be mistaken for a broadcast axis."""
+    one = type(case)(case.id, case.make, case.loss, (1,) + case.x_shape[1:])
+    model, lf, x, y = one.data()
+    out = hogc.compile(model, tuple(EXACT), loss=lf)(x, y)
+    ref = Reference(model, lf, x, y)
+    for q in EXACT:
+        want = getattr(ref, q)()
+        if q == "loss":
+            close(out[q], want)
+            continue
+        for k in want:
+            close(out[q][k], want[k])

@@ -305,8 +305,8 @@ def _const_index(idx) -> tuple[int, ...]:
         if t.ndim != 1:
             raise UnsupportedOpError("indexing with a multi-dimensional index tensor")
         return tuple(int(v) for v in t.tolist())
-    raise UnsupportedOpError("indexing with an index tensor computed from the inputs (constant "
-                             "indices only)")
+    raise UnsupportedOpError("indexing with an index tensor that is not a constant of the model (computed "
+                             "from the inputs, or held in a buffer); only constant indices are supported")
 
 
 @lowering("index")
@@ -494,7 +494,8 @@ def lower_graph(gm: torch.fx.GraphModule, param_names: list[str], trainable: set
                                      f"hogc differentiates exactly and does not stop gradients yet")
         if isinstance(res, Node):
             shp = getattr(val_meta, "shape", None)
-            if shp is not None and tuple(shp) != res.shape:
+            concrete = shp is not None and all(type(d) is int for d in shp)  # a boolean mask makes sizes symbolic
+            if concrete and tuple(shp) != res.shape:
                 raise UnsupportedOpError(f"internal: lowering of '{node.target}' gave shape {res.shape}, "
                                          f"torch says {tuple(shp)} (in {where})")
         env[node] = res

@@ -19,6 +19,9 @@ from ..errors import TraceError
 
 __all__ = ["trace_model", "source_line"]
 
+#: frames inside these folders are not the user's code
+_LIBRARY_DIRS = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(os.path.dirname(__file__)) + os.sep,
+                 os.path.dirname(os.path.dirname(os.path.dirname(__file__))) + os.sep + "passes" + os.sep)
 _FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)\n\s*(.*)')
 
 
@@ -26,9 +29,7 @@ def source_line(stack_trace: str | None) -> str:
     """The innermost frame of the user's code (not torch's) as ``file.py:12 `code```."""
     if not stack_trace:
         return ""
-    torch_dir = os.path.dirname(torch.__file__)
-    frames = [m for m in _FRAME.finditer(stack_trace)
-              if not m.group(1).startswith(torch_dir) and "/hogc/" not in m.group(1)]
+    frames = [m for m in _FRAME.finditer(stack_trace) if not m.group(1).startswith(_LIBRARY_DIRS)]
     if not frames:
         return ""
     f = frames[-1]
@@ -82,10 +83,13 @@ def trace_model(model: nn.Module, x: torch.Tensor) -> torch.fx.GraphModule:
         return functional_call(model, (p, b), (inp,))
 
     paths = _ModulePaths(model)
+    # functional_call writes the wrong (fake) tensors back when a module is registered under two
+    # names; restore every module's own tensors whatever happens
+    saved = [(m, dict(m._parameters), dict(m._buffers)) for m in model.modules()]
     try:
         with paths:
-            gm = make_fx(f, tracing_mode="fake", pre_dispatch=True, record_stack_traces=True)(
-                params, buffers, x)
+            gm = make_fx(f, tracing_mode="fake", pre_dispatch=True, record_stack_traces=True,
+                         _allow_non_fake_inputs=True)(params, buffers, x)
     except Exception as e:  # noqa: BLE001 - every tracing failure becomes a hogc error
         msg = str(e).split("\n")[0]
         data_dep = "data-dependent" in str(e) or "DataDependent" in type(e).__name__ or \
@@ -96,6 +100,10 @@ def trace_model(model: nn.Module, x: torch.Tensor) -> torch.fx.GraphModule:
             "torch.fx could not trace the model"
         where = source_line("".join(traceback.format_tb(e.__traceback__)))
         raise TraceError(f"{hint}: {type(e).__name__}: {msg}" + (f" (at {where})" if where else "")) from e
+    finally:
+        for m, p, b in saved:
+            m._parameters.update(p)
+            m._buffers.update(b)
     for node in gm.graph.nodes:
         if "hogc_module" not in node.meta:
             node.meta["hogc_module"] = ""

@@ -44,10 +44,20 @@ class CompiledFunction:
         self._last: _Specialization | None = None
 
     # --- specialization --------------------------------------------------------------
-    @staticmethod
-    def _key(x, y, named) -> tuple:
+    def _key(self, x, y, named) -> tuple:
+        """What a program is specialized on: input and target shapes and dtypes, parameter dtypes,
+        shapes and requires_grad, the module tree (identity, type, train/eval) and the loss."""
         ps = tuple((p.dtype, p.device, p.shape, p.requires_grad) for _, p in named)
-        return (x.shape, x.dtype, x.device, getattr(y, "shape", None), getattr(y, "dtype", None), ps)
+        mods = tuple((id(m), type(m), m.training) for m in self.model.modules())
+        self.spec = loss_spec(self.loss)
+        return (x.shape, x.dtype, x.device, getattr(y, "shape", None), getattr(y, "dtype", None), ps, mods,
+                self.spec)
+
+    def clear_cache(self) -> None:
+        """Forget every specialization (after changing a plain Python attribute the model reads in
+        forward, which the cache cannot see)."""
+        self._cache.clear()
+        self._last = None
 
     def _specialize(self, x: torch.Tensor, y: torch.Tensor) -> _Specialization:
         model = self.model

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib
 
+import pytest
 import torch
 from torch import nn
 
@@ -149,3 +150,22 @@ def test_plain_tensor_attributes_are_constants():
     model.zero_grad()
     nn.CrossEntropyLoss()(model(x), y).backward()
     torch.testing.assert_close(got["lin.weight"], model.lin.weight.grad)
+
+
+def test_cache_sees_train_eval_module_swaps_and_loss_changes():
+    torch.manual_seed(0)
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    lf = nn.CrossEntropyLoss()
+    fn = hogc.compile(model, "loss", loss=lf)
+    fn(x, y)
+    model[1] = nn.Sigmoid()
+    torch.testing.assert_close(fn(x, y), lf(model(x), y))
+    lf.reduction = "sum"
+    torch.testing.assert_close(fn(x, y), lf(model(x), y))
+    drop = nn.Sequential(nn.Linear(4, 5), nn.Dropout(0.5), nn.Linear(5, 3)).eval()
+    fd = hogc.compile(drop, "loss")
+    fd(x, y)
+    drop.train()
+    with pytest.raises(hogc.UnsupportedOpError, match="dropout in training mode"):
+        fd(x, y)

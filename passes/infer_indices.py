@@ -84,7 +84,6 @@ def _unit_pairs(src: tuple[int, ...], dst: tuple[int, ...]) -> list[tuple[int, i
 def infer_indices(program: Program) -> Program:
     """Rebuild the forward program with resolved spaces and variances."""
     var, space = _ParityUF(), _UF()
-    metric: dict[int, set[str]] = {}
 
     def same(a, b, same_space=True):
         if same_space:
@@ -125,8 +124,8 @@ def infer_indices(program: Program) -> Program:
                 if ch in eq.output:
                     for e in elems[1:]:
                         var.union(elems[0], e, 0)
-                elif len(elems) == 2 and not var.union(elems[0], elems[1], 1):
-                    metric.setdefault(u, set()).add(ch)
+                elif len(elems) == 2:
+                    var.union(elems[0], elems[1], 1)  # a contradiction becomes a metric letter below
         elif node.op is Op.SUM:
             kept = [k for k in range(node.src[0].ndim) if k not in node.arg]
             for k, kk in enumerate(kept):
@@ -196,13 +195,48 @@ def infer_indices(program: Program) -> Program:
             if any(i.name == ix.name for i in idx) and ix.space != UNIT:
                 ix = Index(ix.name + "'" * sum(i.space == ix.space for i in idx), ix.size, ix.space, ix.variance)
             idx.append(ix)
-        arg = node.arg
-        if node.op is Op.EINSUM and node.uid in metric:
-            arg = Einsum(arg.inputs, arg.output, arg.metric | frozenset(metric[node.uid]))
-        rebuilt = Node(node.op, tuple(new[s.uid] for s in node.src), arg, tuple(idx), node.where)
+        arg, src = node.arg, tuple(new[s.uid] for s in node.src)
+        if node.op is Op.EINSUM:
+            arg = Einsum(arg.inputs, arg.output, arg.metric | _needs_metric(arg, src))
+        elif node.op in (Op.ADD, Op.SUB):
+            src = tuple(_match_variance(s, tuple(idx)) for s in src)
+        rebuilt = Node(node.op, src, arg, tuple(idx), node.where)
         _check_samples(node, rebuilt)
         new[node.uid] = rebuilt
     return Program.of({k: new[v.uid] for k, v in program.outputs.items()})
+
+
+def _needs_metric(eq: Einsum, src: tuple[Node, ...]) -> frozenset[str]:
+    """Summed letters that are not an upper/lower pair of one space: the model contracts through
+    the Euclidean metric there (``q . k``, ``sum_i x_i w_i w_i``), which the einsum records."""
+    occ: dict[str, list[Index]] = {}
+    for s, x in zip(eq.inputs, src):
+        for ch, ix in zip(s, x.indices):
+            if ix.size != 1 or ix.space != UNIT:
+                occ.setdefault(ch, []).append(ix)
+    out = set()
+    for ch, ixs in occ.items():
+        if ch in eq.output or all(ix.is_batch for ix in ixs):
+            continue
+        if not (len(ixs) == 2 and {ixs[0].variance, ixs[1].variance} == {Variance.UP, Variance.LOW}):
+            out.add(ch)
+    return frozenset(out)
+
+
+def _match_variance(x: Node, out: tuple[Index, ...]) -> Node:
+    """A sum of a vector and a covector (a parameter used both as a contraction partner and as an
+    addend) identifies the two through the Euclidean metric: make that an explicit einsum."""
+    off = len(out) - x.ndim
+    target = list(x.indices)
+    for k, ix in enumerate(x.indices):
+        o = out[k + off]
+        if ix.size == o.size and not ix.is_batch and ix.variance is not o.variance:
+            target[k] = Index(ix.name, ix.size, o.space, o.variance)
+    if tuple(target) == x.indices:
+        return x
+    L = B.letters(x.ndim)
+    flipped = "".join(ch for ch, a, b in zip(L, x.indices, target) if a != b)
+    return B.einsum([L], L, [x], metric=flipped, out_indices=target)
 
 
 def _check_samples(old: Node, node: Node) -> None:

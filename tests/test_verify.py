@@ -72,3 +72,49 @@ def test_captured_programs_pair_variances():
     assert "input[param '0.weight']" in text
     line = next(ln for ln in text.splitlines() if "input[param '0.weight']" in ln)
     assert "^4" in line and "_3" in line  # W^o_i: output upper, input lower
+
+
+class _AddCovector(nn.Module):
+    """P is contracted with x (so its input axis is lower) and also added to a vector."""
+
+    def __init__(self):
+        super().__init__()
+        self.P = nn.Parameter(torch.randn(4, 4))
+
+    def forward(self, x):
+        return x @ self.P.t() @ self.P + x
+
+
+class _TripleLetter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4))
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return torch.einsum("ni,i,i->n", x, self.w, self.w).unsqueeze(1) * self.lin(x)
+
+
+class _OrderA(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.p = nn.Parameter(torch.randn(4, 4))
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return (x @ self.p) * self.lin(x + self.p[0])
+
+
+class _OrderB(_OrderA):
+    def forward(self, x):
+        return self.lin(x + self.p[0]) * (x @ self.p)
+
+
+@pytest.mark.parametrize("cls", [_AddCovector, _TripleLetter, _OrderA, _OrderB], ids=lambda c: c.__name__)
+def test_euclidean_identifications_are_explicit(cls):
+    """Models that identify vectors and covectors verify, whatever the operand order: the capture
+    records the Euclidean metric it needs instead of leaving variances half-assigned."""
+    fn = hogc.compile(cls(), ("grad", "ggn_diag"), loss=nn.MSELoss(), verify=True)
+    fn(torch.randn(5, 4), torch.randn(5, 4))
+    if cls in (_AddCovector, _TripleLetter):
+        assert "metric" in fn.ir

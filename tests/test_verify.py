@@ -118,3 +118,10 @@ def test_euclidean_identifications_are_explicit(cls):
     fn(torch.randn(5, 4), torch.randn(5, 4))
     if cls in (_AddCovector, _TripleLetter):
         assert "metric" in fn.ir
+
+
+def test_index_preserving_op_that_flips_a_variance_is_rejected():
+    x = B.inp("data", "x", (idx("i", 3, "h0", Variance.UP), idx("j", 2, "h1", Variance.UP)))
+    bad = Node(Op.PERMUTE, (x,), (1, 0), (idx("j", 2, "h1", Variance.UP), idx("i", 3, "h0", Variance.LOW)))
+    with pytest.raises(hogc.VerificationError, match=r"(?s)%1 = permute.*only a metric may change a variance"):
+        verify(Program.of({"p": bad}))

@@ -5,6 +5,7 @@ calls with ASCII letters; elementwise derivatives call the sympy-generated funct
 """
 from __future__ import annotations
 
+import math
 import operator
 from typing import Callable
 
@@ -101,7 +102,9 @@ def _prefers_mul_sum(node: Node) -> bool:
     for c in contracted:
         k *= sizes[c]
     no_reuse = set(eq.inputs[0]) <= shared or set(eq.inputs[1]) <= shared  # a product with no matrix
-    return not contracted or no_reuse or bool(batch and k < SMALL_CONTRACTION)
+    full = math.prod(sizes.values())  # the broadcast product multiply-then-sum materializes
+    small = full <= 2 * max(math.prod(node.shape), *(math.prod(x.shape) for x in node.src))
+    return small and (not contracted or no_reuse or bool(batch and k < SMALL_CONTRACTION))
 
 
 def _sum_permute(g, node, args):

@@ -125,6 +125,37 @@ def _check_variance(node: Node, names) -> None:
                                    f"{ix.space} and {iy.space}")
 
 
+def _kept_axes(node: Node) -> list[tuple[int, int, int]]:
+    """(source, source axis, output axis) of the axes an index-preserving op passes through."""
+    op, a = node.op, node.arg
+    if op is Op.ELEMENTWISE:
+        return [(j, k, k) for j in range(len(node.src)) for k in range(node.ndim)]
+    if op is Op.PERMUTE:
+        return [(0, p, k) for k, p in enumerate(a)]
+    if op is Op.SUM:
+        kept = [k for k in range(node.src[0].ndim) if k not in a]
+        return [(0, kk, k) for k, kk in enumerate(kept)]
+    if op in (Op.SLICE, Op.INDEX, Op.PAD, Op.INDEX_ADD):
+        return [(0, k, k) for k in range(node.ndim) if k != a[0]]
+    if op is Op.CAT:
+        return [(j, k, k) for j in range(len(node.src)) for k in range(node.ndim) if k != a]
+    if op is Op.EXPAND:
+        x = node.src[0]
+        off = node.ndim - x.ndim
+        return [(0, k, k + off) for k in range(x.ndim) if x.shape[k] == node.shape[k + off]]
+    return []
+
+
+def _check_kept(node: Node, names) -> None:
+    for j, k, o in _kept_axes(node):
+        a, b = node.src[j].indices[k], node.indices[o]
+        if a.size == 1 or b.size == 1:
+            continue
+        if a.variance is not b.variance or a.space != b.space:
+            _fail(node, names, f"{node.op.name.lower()} changes index {a} (space {a.space}) of source {j} axis {k} "
+                               f"into {b} (space {b.space}); only a metric may change a variance")
+
+
 def verify(program: Program) -> Program:
     """Check a program; raise :class:`VerificationError` naming the offending node."""
     names: dict[int, str] = {}
@@ -135,6 +166,7 @@ def verify(program: Program) -> Program:
         names[id(node)] = f"%{k}"
         _check_shape(node, names)
         _check_variance(node, names)
+        _check_kept(node, names)
     for key, out in program.outputs.items():
         if id(out) not in names:
             raise VerificationError(f"output '{key}' is not in the schedule")

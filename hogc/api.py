@@ -1,6 +1,7 @@
 """``hogc.compile``: the public entry point."""
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -14,7 +15,7 @@ from .capture.losses import check_class_range, check_target, loss_spec
 from .capture.lower import lower_graph
 from .capture.trace import trace_model
 from .emit.fx import emit
-from .errors import HogcError, InputDtypeError
+from .errors import HogcError, InputDtypeError, SampleMixingError
 from .ir import Index, Node, Op, Program, SAMPLE, Variance, build as B, format_program
 from .quantities import DerivativeBuilder, get_quantity
 
@@ -67,13 +68,17 @@ class CompiledFunction:
             if not p.is_floating_point():
                 raise InputDtypeError(f"parameter '{k}' has dtype {p.dtype}; hogc needs floating point")
         gm = trace_model(model, x)
-        out, params, x_node = lower_graph(gm, list(named), trainable, [k for k, _ in model.named_buffers()])
+        out, params, _ = lower_graph(gm, list(named), trainable, [k for k, _ in model.named_buffers()])
         check_target(self.spec, out.shape, y)
-        fwd = run_pipeline(Program.of({"output": out}), [infer_indices], self.verify, verify_input=False)
+        per_sample = any(q != "loss" for q in self.quantities)  # every derivative follows samples
+        fwd = run_pipeline(Program.of({"output": out}), [functools.partial(infer_indices, per_sample=per_sample)],
+                           self.verify, verify_input=False)
         out = fwd.outputs["output"]
         params = {n.arg[1]: n for n in fwd.inputs("param")}
         if out.sample_axis() != 0:
-            raise HogcError("the model output must have the sample axis first")
+            where = "is missing" if out.sample_axis() is None else f"is at position {out.sample_axis()}"
+            raise SampleMixingError(f"the model output (shape {out.shape}) must keep the samples of x on its first "
+                                    f"axis; the sample axis {where}")
         ti = (out.indices[0],) if self.spec.kind == "cross_entropy" else out.indices
         target = B.inp("target", "y", ti)
         rng = B.inp("rng", "generator", ())
@@ -103,6 +108,8 @@ class CompiledFunction:
         """Compile (or fetch from the cache) the program for these input shapes and dtypes."""
         if not isinstance(x, torch.Tensor):
             raise InputDtypeError(f"x must be a tensor, got {type(x).__name__}")
+        if x.ndim == 0 or x.shape[0] == 0:
+            raise HogcError(f"x must have a leading sample axis with at least one sample, got shape {tuple(x.shape)}")
         named = list(self.model.named_parameters()) if named is None else named
         key = self._key(x, y, named)
         spec = self._cache.get(key)
@@ -150,7 +157,7 @@ class CompiledFunction:
             for k, p in params:
                 v = values.get(f"{qname}/{k}")
                 if v is None:  # the loss does not depend on this parameter
-                    shape = ((x.shape[0],) if q.batch else ()) + (() if qname == "batch_l2" else tuple(p.shape))
+                    shape = ((x.shape[0],) if q.batch else ()) + (tuple(p.shape) if q.param_shaped else ())
                     v = torch.zeros(shape, dtype=p.dtype, device=p.device)
                 d[k] = v
             result[qname] = d
@@ -160,7 +167,7 @@ class CompiledFunction:
     def _require(self) -> _Specialization:
         if self._last is None:
             raise HogcError("this function has not been specialized yet: call it once, or call "
-                            "fn.specialize(x, y), before reading .ir, .code or .explain()")
+                            "fn.specialize(x, y), before reading .ir or .code")
         return self._last
 
     @property

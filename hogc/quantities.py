@@ -30,17 +30,17 @@ class Quantity:
     per_param: bool  # result keyed by parameter name
     batch: bool  # leading sample axis
     doc: str
-    needs_rng: bool = False
+    param_shaped: bool = True  # per-parameter results shaped like the parameter (after the sample axis)
 
 
 QUANTITIES: dict[str, Quantity] = {}
 
 
-def register_quantity(name: str, *, per_param: bool = True, batch: bool = False, needs_rng: bool = False):
+def register_quantity(name: str, *, per_param: bool = True, batch: bool = False, param_shaped: bool = True):
     def deco(fn):
         if name in QUANTITIES:
             raise ValueError(f"quantity '{name}' is already registered")
-        QUANTITIES[name] = Quantity(name, fn, per_param, batch, (fn.__doc__ or "").strip(), needs_rng)
+        QUANTITIES[name] = Quantity(name, fn, per_param, batch, (fn.__doc__ or "").strip(), param_shaped)
         return fn
     return deco
 
@@ -113,7 +113,7 @@ def _batch_grad(b):
     return dict(b.per_sample_grads)
 
 
-@register_quantity("batch_l2", batch=True)
+@register_quantity("batch_l2", batch=True, param_shaped=False)
 def _batch_l2(b):
     """Squared l2 norm of each per-sample gradient, shape (N,)."""
     return {k: _square_sum(p, B.letters(1), 1, metric=True) for k, p in b.per_sample_grads.items()}
@@ -148,7 +148,7 @@ def _batch_ggn_diag(b):
     return {k: _square_sum(v, B.letters(2)[1], 2, metric=False) for k, v in b.sqrt_ggn.items()}
 
 
-@register_quantity("ggn_diag_mc", needs_rng=True)
+@register_quantity("ggn_diag_mc")
 def _ggn_diag_mc(b):
     """Monte-Carlo GGN diagonal (Fisher with sampled targets), mc_samples columns."""
     return {k: _square_sum(v, "", 2, metric=False) for k, v in b.sqrt_ggn_mc.items()}

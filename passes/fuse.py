@@ -13,7 +13,6 @@ import math
 from hogc.ir import Node, Op, Program, build as B
 from hogc.ir.node import Einsum
 
-from .vjp_rules import _fresh_letters
 
 __all__ = ["fuse_einsums", "MAX_TERMS"]
 
@@ -32,7 +31,7 @@ def _inline(e: Node, k: int) -> Node:
     mapping = dict(zip(peq.output, eq.inputs[k]))
     used = "".join(eq.inputs) + eq.output
     inner = [ch for ch in dict.fromkeys("".join(peq.inputs)) if ch not in mapping]
-    fresh = _fresh_letters(used, len(inner))
+    fresh = B.fresh_letters(used, len(inner))
     mapping.update(zip(inner, fresh))
     new_inputs = list(eq.inputs[:k]) + list(eq.inputs[k + 1:]) + ["".join(mapping[c] for c in s) for s in peq.inputs]
     new_src = list(e.src[:k]) + list(e.src[k + 1:]) + list(p.src)

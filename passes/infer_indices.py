@@ -81,8 +81,14 @@ def _unit_pairs(src: tuple[int, ...], dst: tuple[int, ...]) -> list[tuple[int, i
     return [pair for p in a.keys() & b.keys() for pair in zip(a[p], b[p])]
 
 
-def infer_indices(program: Program) -> Program:
-    """Rebuild the forward program with resolved spaces and variances."""
+def infer_indices(program: Program, per_sample: bool = True) -> Program:
+    """Rebuild the forward program with resolved spaces and variances.
+
+    Args:
+        program: the captured forward program (provisional indices).
+        per_sample: derivative programs will follow samples (every derivative quantity does);
+            then an op that couples samples raises :class:`SampleMixingError`.
+    """
     var, space = _ParityUF(), _UF()
 
     def same(a, b, same_space=True):
@@ -201,7 +207,8 @@ def infer_indices(program: Program) -> Program:
         elif node.op in (Op.ADD, Op.SUB):
             src = tuple(_match_variance(s, tuple(idx)) for s in src)
         rebuilt = Node(node.op, src, arg, tuple(idx), node.where)
-        _check_samples(node, rebuilt)
+        if per_sample:
+            _check_samples(node, rebuilt)
         new[node.uid] = rebuilt
     return Program.of({k: new[v.uid] for k, v in program.outputs.items()})
 
@@ -261,9 +268,5 @@ def _check_samples(old: Node, node: Node) -> None:
             fail("slicing, indexing or concatenating along the sample axis")
         if node.op is Op.CAT and len(set(in_s)) > 1:
             fail("concatenating per-sample and shared tensors")
-    elif node.op is Op.RESHAPE and node.src[0].has_sample:
-        x = node.src[0]
-        ax = x.sample_axis()
-        if not any(ix.space == SAMPLE for ix in node.indices):
-            fail("a reshape that merges the sample axis with others")
-        del ax
+    elif node.op is Op.RESHAPE and node.src[0].has_sample and not node.has_sample:
+        fail("a reshape that merges the sample axis with others")

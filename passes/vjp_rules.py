@@ -86,16 +86,6 @@ def defrule(kind: str, *ops: Op):
     return deco
 
 
-def _fresh_letters(used: str, n: int) -> str:
-    out, k = "", 0
-    while len(out) < n:
-        ch = B.letters(1, k)
-        if ch not in used and ch not in out:
-            out += ch
-        k += 1
-    return out
-
-
 def unbroadcast(t: Node, x: Node, node: Node, ctx: VjpContext) -> Node:
     """Sum a node-shaped cotangent ``t`` down to the shape of source ``x`` (broadcast transpose)."""
     nl = ctx.nlead(node)
@@ -131,7 +121,7 @@ def _einsum(node: Node, cot: Node, ctx: VjpContext, k: int) -> Node:
     eq: Einsum = node.arg
     x = node.src[k]
     used = "".join(eq.inputs) + eq.output
-    lead = _fresh_letters(used, ctx.nlead(node))
+    lead = B.fresh_letters(used, ctx.nlead(node))
     cot_s = lead + eq.output
     s_k = eq.inputs[k]
     res_lead = lead

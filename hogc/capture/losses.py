@@ -65,6 +65,9 @@ def num_columns(spec: LossSpec, out_shape: tuple[int, ...]) -> int:
 
 def check_class_range(y: torch.Tensor, num_classes: int) -> None:
     """Class indices must lie in [0, C): checked on every call (the values change, the shape not)."""
-    if y.numel() and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+    if not y.numel():
+        return
+    lo, hi = (int(v) for v in torch.aminmax(y))  # one reduction, one device sync
+    if lo < 0 or hi >= num_classes:
         raise TargetShapeError(f"CrossEntropyLoss class indices must lie in [0, {num_classes}); got values in "
-                               f"[{int(y.min())}, {int(y.max())}]")
+                               f"[{lo}, {hi}]")

@@ -15,7 +15,7 @@ from .node import Constant, Einsum, Node
 from .ops import Op
 
 __all__ = [
-    "letters", "inp", "const", "const_tensor", "elementwise", "binary", "add", "sub", "mul",
+    "letters", "fresh_letters", "inp", "const", "const_tensor", "elementwise", "binary", "add", "sub", "mul",
     "div", "einsum", "sum_dims", "reshape", "permute", "expand", "slice_", "pad", "index",
     "index_add", "cat", "unsqueeze", "broadcast_indices", "scale", "reshape_groups",
 ]
@@ -23,6 +23,17 @@ __all__ = [
 
 def letters(n: int, start: int = 0) -> str:
     return "".join(get_symbol(i) for i in range(start, start + n))
+
+
+def fresh_letters(used: str, n: int) -> str:
+    """``n`` einsum letters not in ``used``."""
+    out, k = "", 0
+    while len(out) < n:
+        ch = get_symbol(k)
+        if ch not in used and ch not in out:
+            out += ch
+        k += 1
+    return out
 
 
 def inp(role: str, name: str, indices: Sequence[Index], where=None) -> Node:

@@ -1,14 +1,16 @@
 """The one op enum of hogc's IR. Reading this file tells you everything the IR can express.
 
-Ops marked *basis-dependent* are not tensorial: they depend on the coordinates
-(elementwise nonlinearities, Hadamard products, diagonal extraction). The index
-verifier lets them mix variances; every other op must pair indices properly.
+ELEMENTWISE, MUL and DIV are *basis-dependent*: they depend on the coordinates, so the
+verifier lets them combine indices of either variance. ADD/SUB must agree in variance,
+index-preserving ops (PERMUTE, SUM, SLICE, ...) must keep it, and an EINSUM must pair an
+upper with a lower index of one space for every letter it sums, unless the letter is in
+its explicit ``metric`` set (a Euclidean, basis-dependent contraction).
 """
 from __future__ import annotations
 
 from enum import Enum, auto
 
-__all__ = ["Op", "BASIS_DEPENDENT", "LINEAR_STRUCTURAL", "LOSS_OPS", "LEAF_OPS"]
+__all__ = ["Op", "LOSS_OPS", "LEAF_OPS"]
 
 
 class Op(Enum):
@@ -46,11 +48,5 @@ class Op(Enum):
     LOSS_SQRT_HESSIAN_MC = auto()  # arg: (LossSpec, mc_samples); src: (output, target, rng)
 
 
-#: Ops whose result depends on the basis; they may combine indices of either variance.
-BASIS_DEPENDENT = frozenset({Op.ELEMENTWISE, Op.MUL, Op.DIV})
-#: Ops linear in their (single differentiable) input, whose transpose is structural.
-LINEAR_STRUCTURAL = frozenset(
-    {Op.SUM, Op.RESHAPE, Op.PERMUTE, Op.EXPAND, Op.SLICE, Op.PAD, Op.INDEX, Op.INDEX_ADD, Op.CAT}
-)
 LOSS_OPS = frozenset({Op.LOSS, Op.LOSS_GRAD, Op.LOSS_SQRT_HESSIAN, Op.LOSS_SQRT_HESSIAN_MC})
 LEAF_OPS = frozenset({Op.INPUT, Op.CONST})

@@ -24,7 +24,7 @@ test: $(STAMP)
 	$(PY) -m pytest
 
 bench: $(STAMP)
-	$(PY) benchmarks/first_order.py
+	$(PY) benchmarks/first_order.py --threads 2
 
 clean:
 	rm -rf $(VENV) build *.egg-info

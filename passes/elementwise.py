@@ -190,6 +190,10 @@ def is_zero(name: str, order: int) -> bool:
     return order > 0 and derivative_expr(name, order) == 0
 
 
+def gelu_tanh(x_: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x_, approximate="tanh")
+
+
 # --- the registry ----------------------------------------------------------------
 
 a, b, s, t, p = sp.symbols("alpha beta scale threshold p", real=True)
@@ -204,7 +208,7 @@ register_elementwise("sqrt", sp.sqrt(x), torch.sqrt, inverse=y**2, y_positive=Tr
 register_elementwise("rsqrt", 1 / sp.sqrt(x), torch.rsqrt, domain="positive")
 register_elementwise("reciprocal", 1 / x, torch.reciprocal, inverse=1 / y, domain="positive")
 register_elementwise("abs", sp.Abs(x), torch.abs)
-register_elementwise("pow", x**p, lambda x_, p_: x_**p_, params=("p",), example_params=(2.5,), domain="positive",
+register_elementwise("pow", x**p, torch.pow, params=("p",), example_params=(2.5,), domain="positive",
                      y_forms=False)  # p*y/x would divide by zero at x = 0
 register_elementwise("sin", sp.sin(x), torch.sin)
 register_elementwise("cos", sp.cos(x), torch.cos)
@@ -213,9 +217,9 @@ register_elementwise("leaky_relu", sp.Piecewise((x, x > 0), (negative_slope * x,
                      F.leaky_relu, params=("negative_slope",), example_params=(0.2,))
 register_elementwise(
     "elu", sp.Piecewise((s * x, x > 0), (s * a * (sp.exp(x * input_scale) - 1), True)),
-    lambda x_, al, sc, ins: torch.ops.aten.elu(x_, al, sc, ins), params=("alpha", "scale", "input_scale"),
+    torch.ops.aten.elu.default, params=("alpha", "scale", "input_scale"),
     example_params=(1.3, 1.1, 0.8))
-register_elementwise("softplus", _softplus, lambda x_, be, th: F.softplus(x_, be, th),
+register_elementwise("softplus", _softplus, F.softplus,
                      params=("beta", "threshold"), example_params=(1.5, 2.0))
 register_elementwise("sigmoid", _sig, torch.sigmoid)
 register_elementwise("tanh", sp.tanh(x), torch.tanh, inverse=sp.atanh(y))
@@ -224,4 +228,4 @@ register_elementwise("silu", x * _sig, F.silu)
 register_elementwise("gelu", x * (1 + sp.erf(x / sp.sqrt(2))) / 2, F.gelu)
 register_elementwise(
     "gelu_tanh", x * (1 + sp.tanh(sp.sqrt(2 / sp.pi) * (x + sp.Rational(44715, 1000000) * x**3))) / 2,
-    lambda x_: F.gelu(x_, approximate="tanh"))
+    gelu_tanh)

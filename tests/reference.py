@@ -48,7 +48,7 @@ class Reference:
         return vmap(grad(self.share), in_dims=(None, 0, 0))(self.params, self.x, self.y)
 
     def batch_l2(self):
-        return {k: (v**2).flatten(1).sum(1) for k, v in self.batch_grad().items()}
+        return {k: (v**2).reshape(v.shape[0], -1).sum(1) for k, v in self.batch_grad().items()}
 
     def sum_grad_squared(self):
         return {k: (v**2).sum(0) for k, v in self.batch_grad().items()}

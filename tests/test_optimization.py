@@ -56,3 +56,26 @@ def test_path_strategies_agree(case, optimize):
 def test_unknown_path_strategy_lists_the_registered_ones():
     with pytest.raises(hogc.HogcError, match="unknown optimize strategy 'fastest'.*greedy"):
         hogc.compile(nn.Linear(2, 2), "grad", optimize="fastest")
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_fusion_and_paths_never_change_a_number(case):
+    """The emitted program equals the unoptimized derivative program (no fusion, no path choice)."""
+    from hogc.emit.fx import emit
+    from hogc.quantities import QUANTITIES
+
+    model, lf, x, y = case.data()
+    qs = tuple(q for q in QUANTITIES if q != "ggn_diag_mc")
+    fn = hogc.compile(model, qs, loss=lf)
+    fn(x, y)
+    spec = fn._last
+    values = {("param", k): p for k, p in model.named_parameters()}
+    values.update({("data", "x"): x, ("target", "y"): y})
+    with torch.no_grad():
+        raw = emit(spec.unoptimized, spec.inputs)(*[values[i] for i in spec.inputs])
+        opt = spec.gm(*[values[i] for i in spec.inputs])
+    want = dict(zip(spec.unoptimized.outputs, raw))
+    got = dict(zip(spec.program.outputs, opt))
+    assert want.keys() == got.keys()
+    for k in want:
+        close(got[k], want[k], rel=1e-12)

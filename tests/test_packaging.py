@@ -17,3 +17,12 @@ def test_wheel_maps_passes_to_hogc_passes(tmp_path):
     for f in (ROOT / "passes").glob("*.py"):
         assert f"hogc/passes/{f.name}" in names
     assert "hogc/ir/node.py" in names and not any(n.startswith("passes/") for n in names)
+    # installed from the wheel alone (no source tree on the path), hogc.passes imports and works
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
+                   check=True, capture_output=True)
+    code = ("import sys, hogc, hogc.passes.fuse; assert hogc.__file__.startswith(sys.argv[1]), hogc.__file__; "
+            "assert hogc.passes.fuse.__file__.startswith(sys.argv[1]); print('ok')")
+    res = subprocess.run([sys.executable, "-c", code, str(target)], cwd=tmp_path, capture_output=True, text=True,
+                         env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"})
+    assert res.stdout.strip() == "ok", res.stderr

@@ -66,11 +66,7 @@ def test_rule_kinds_table():
     assert table["ELEMENTWISE"][0] == "elementwise" and table["LOSS"] == (None, [])
 
 
-@pytest.mark.parametrize("op", sorted(vjp_rules, key=lambda o: o.name), ids=lambda o: o.name)
-def test_vjp_rule_matches_autograd(op):
-    assert op in EXAMPLES, f"add a one-op example for {op.name} to tests/test_rules.py"
-    out = EXAMPLES[op]()
-    assert out.op is op
+def _check_vjp(out):
     prog = Program.of({"out": out})
     params = {n.arg[1]: n for n in prog.inputs("param")}
     seed = B.inp("data", "seed", cot_indices(out, (), _n))
@@ -90,6 +86,34 @@ def test_vjp_rule_matches_autograd(op):
             want = torch.stack([torch.autograd.grad(y[i], vals[k], seed_v[i], retain_graph=True)[0]
                                 for i in range(N)])
         torch.testing.assert_close(res[f"cot/{k}"], want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("op", sorted(vjp_rules, key=lambda o: o.name), ids=lambda o: o.name)
+def test_vjp_rule_matches_autograd(op):
+    assert op in EXAMPLES, f"add a one-op example for {op.name} to tests/test_rules.py"
+    out = EXAMPLES[op]()
+    assert out.op is op
+    _check_vjp(out)
+
+
+EINSUM_VARIANTS = {
+    "metric_letter": lambda: B.einsum(["ni", "i"], "n", [_inp("a", (4,)), _inp("b", (4,), sample=False)],
+                                      metric="i"),
+    "three_operand_hyperedge": lambda: B.einsum(["nij", "nj", "j"], "ni",
+                                                [_inp("a", (2, 3)), _inp("c", (3,)), _inp("b", (3,), sample=False)]),
+    "operand_used_twice": lambda: B.einsum(["ni", "ni", "ij"], "nj",
+                                           [_inp("a", (3,)), _inp("a", (3,)), _inp("b", (3, 2), sample=False)]),
+    "letter_only_in_one_operand": lambda: B.einsum(["nij", "k"], "nik",
+                                                   [_inp("a", (2, 3)), _inp("b", (4,), sample=False)]),
+    "parameter_only_operands": lambda: B.einsum(["ni", "ij", "jk"], "nk", [_inp("a", (2,)),
+                                                                         _inp("b", (2, 3), sample=False),
+                                                                         _inp("c", (3, 2), sample=False)]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EINSUM_VARIANTS))
+def test_einsum_vjp_variants(name):
+    _check_vjp(EINSUM_VARIANTS[name]())
 
 
 def test_docs_ops_list_is_current():

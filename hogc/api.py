@@ -11,13 +11,12 @@ from torch import nn
 from hogc.passes.infer_indices import infer_indices
 from hogc.passes.pipeline import optimization_pipeline, run_pipeline
 
+from .capture import capture
 from .capture.losses import check_class_range, check_target, loss_spec
-from .capture.lower import lower_graph
-from .capture.trace import trace_model
 from .emit.fx import emit
 from .errors import HogcError, InputDtypeError, SampleMixingError
-from .ir import Index, Node, Op, Program, SAMPLE, Variance, build as B, format_program
-from .quantities import DerivativeBuilder, get_quantity
+from .ir import Program, format_program
+from .quantities import derive, get_quantity
 
 __all__ = ["compile", "CompiledFunction"]
 
@@ -61,45 +60,25 @@ class CompiledFunction:
         self._last = None
 
     def _specialize(self, x: torch.Tensor, y: torch.Tensor) -> _Specialization:
-        model = self.model
-        named = dict(model.named_parameters())
-        trainable = {k for k, p in named.items() if p.requires_grad}
-        for k, p in named.items():
-            if not p.is_floating_point():
-                raise InputDtypeError(f"parameter '{k}' has dtype {p.dtype}; hogc needs floating point")
-        gm = trace_model(model, x)
-        out, params, _ = lower_graph(gm, list(named), trainable, [k for k, _ in model.named_buffers()])
-        check_target(self.spec, out.shape, y)
+        """The pipeline: capture -> infer_indices -> derive -> fuse_einsums -> contract_pairwise -> emit."""
+        forward = capture(self.model, x)
+        check_target(self.spec, forward.outputs["output"].shape, y)
         per_sample = any(q != "loss" for q in self.quantities)  # every derivative follows samples
-        fwd = run_pipeline(Program.of({"output": out}), [functools.partial(infer_indices, per_sample=per_sample)],
-                           self.verify, verify_input=False)
-        out = fwd.outputs["output"]
-        params = {n.arg[1]: n for n in fwd.inputs("param")}
+        forward = run_pipeline(forward, [functools.partial(infer_indices, per_sample=per_sample)], self.verify,
+                               verify_input=False)
+        out = forward.outputs["output"]
         if out.sample_axis() != 0:
             where = "is missing" if out.sample_axis() is None else f"is at position {out.sample_axis()}"
             raise SampleMixingError(f"the model output (shape {out.shape}) must keep the samples of x on its first "
                                     f"axis; the sample axis {where}")
-        ti = (out.indices[0],) if self.spec.kind == "cross_entropy" else out.indices
-        target = B.inp("target", "y", ti)
-        rng = B.inp("rng", "generator", ())
-        builder = DerivativeBuilder(out, target, params, self.spec, rng, self.mc_samples)
-        outputs: dict[str, Node] = {}
-        for qname in self.quantities:
-            q = get_quantity(qname)
-            res = q.build(builder)
-            if q.per_param:
-                for k, v in res.items():
-                    outputs[f"{qname}/{k}"] = v
-            else:
-                outputs[qname] = res
-        unopt = Program.of(outputs)
+        unopt = derive(forward, self.quantities, self.spec, self.mc_samples)
         program = run_pipeline(unopt, optimization_pipeline(self.optimize), self.verify)
-        used = {(n.arg[0], n.arg[1]) for n in program.inputs()}
-        inputs = [("param", k) for k in named if k in trainable] + \
-                 [("buffer", k) for k in named if k not in trainable] + \
-                 [("buffer", k) for k, _ in model.named_buffers()] + \
-                 [("data", "x"), ("target", "y"), ("rng", "generator")]
-        inputs = [i for i in inputs if i in used or i[0] in ("data", "target")]
+        used = {n.arg for n in program.inputs()}
+        order = [("param", k) for k, p in self.model.named_parameters() if p.requires_grad] + \
+                [("buffer", k) for k, p in self.model.named_parameters() if not p.requires_grad] + \
+                [("buffer", k) for k, _ in self.model.named_buffers()] + \
+                [("data", "x"), ("target", "y"), ("rng", "generator")]
+        inputs = [i for i in order if i in used or i[0] in ("data", "target")]
         gm = emit(program, inputs).to(x.device)  # captured constants follow the inputs
         classes = out.shape[1] if self.spec.kind == "cross_entropy" else None
         return _Specialization(program, unopt, gm, inputs, classes)

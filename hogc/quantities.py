@@ -10,6 +10,7 @@ The optimization passes then turn e.g. ``sum_{c,n} V^2`` into BackPACK's formula
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Callable
@@ -18,9 +19,9 @@ from hogc.passes.backpropagate import backpropagate
 
 from .capture.losses import num_columns
 from .errors import UnknownQuantityError
-from .ir import COLUMN, Index, LossSpec, Node, Op, Variance, build as B, dual
+from .ir import COLUMN, Index, LossSpec, Node, Op, Program, Variance, build as B, dual
 
-__all__ = ["Quantity", "QUANTITIES", "register_quantity", "DerivativeBuilder", "get_quantity"]
+__all__ = ["Quantity", "QUANTITIES", "register_quantity", "DerivativeBuilder", "get_quantity", "derive"]
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,25 @@ class DerivativeBuilder:
     def sqrt_ggn_mc(self) -> dict[str, Node]:
         return self._columns(Op.LOSS_SQRT_HESSIAN_MC, (self.spec, self.mc_samples),
                              (self.output, self.target, self.rng), self.mc_samples, "m")
+
+
+def derive(forward: Program, quantities: Sequence[str], spec: LossSpec, mc_samples: int = 1) -> Program:
+    """The derivative program: forward program (indices inferred) -> one output per quantity and
+    parameter (``"grad/0.weight"``) or per quantity (``"loss"``). Quantities share nodes."""
+    out = forward.outputs["output"]
+    params = {n.arg[1]: n for n in forward.inputs("param")}
+    target = B.inp("target", "y", (out.indices[0],) if spec.kind == "cross_entropy" else out.indices)
+    rng = B.inp("rng", "generator", ())
+    builder = DerivativeBuilder(out, target, params, spec, rng, mc_samples)
+    outputs: dict[str, Node] = {}
+    for qname in quantities:
+        q = get_quantity(qname)
+        res = q.build(builder)
+        if q.per_param:
+            outputs.update({f"{qname}/{k}": v for k, v in res.items()})
+        else:
+            outputs[qname] = res
+    return Program.of(outputs)
 
 
 def _square_sum(t: Node, keep_lead: str, lead: int, metric: bool) -> Node:

@@ -67,7 +67,6 @@ def loss_sqrt_hessian_mc(f: torch.Tensor, y: torch.Tensor, generator: torch.Gene
                          reduction: str, mc_samples: int) -> torch.Tensor:
     """Monte-Carlo factor ``(M, *f.shape)``: E[sum_m s_m s_m^T] = d2L/df2 (Fisher sampling)."""
     r = math.sqrt(_scale(kind, reduction, f) / mc_samples)
-    N = f.shape[0]
     if kind == "cross_entropy":
         p = torch.softmax(f, dim=1)
         draws = torch.multinomial(p.detach(), mc_samples, replacement=True, generator=generator)  # (N, M)

@@ -154,3 +154,15 @@ def test_constant_index_out_of_range():
     fn = hogc.compile(OOR(), "grad")
     with pytest.raises(hogc.HogcError, match="out of bounds"):
         fn(torch.randn(4, 3), torch.randint(0, 3, (4,)))
+
+
+def test_input_dtype_differs_from_parameters():
+    fn = hogc.compile(nn.Linear(3, 2).double(), "grad")
+    with pytest.raises(hogc.InputDtypeError, match="x has dtype torch.float32 but parameter 'weight'"):
+        fn(torch.randn(4, 3), torch.randint(0, 2, (4,)))
+
+
+def test_empty_batch():
+    fn = hogc.compile(nn.Linear(3, 2), "grad")
+    with pytest.raises(hogc.HogcError, match="at least one sample"):
+        fn(torch.randn(0, 3), torch.randint(0, 2, (0,)))

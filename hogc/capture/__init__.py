@@ -18,6 +18,9 @@ def capture(model: nn.Module, x) -> Program:
     for k, p in named.items():
         if not p.is_floating_point():
             raise InputDtypeError(f"parameter '{k}' has dtype {p.dtype}; hogc needs floating point")
+        if x.is_floating_point() and p.dtype != x.dtype:
+            raise InputDtypeError(f"x has dtype {x.dtype} but parameter '{k}' has dtype {p.dtype}; convert one "
+                                  f"(e.g. model.to({x.dtype}) or x.to({p.dtype}))")
     trainable = {k for k, p in named.items() if p.requires_grad}
     gm = trace_model(model, x)
     out, _, _ = lower_graph(gm, list(named), trainable, [k for k, _ in model.named_buffers()])

@@ -13,7 +13,7 @@ def render() -> str:
     lines = ["# Supported ops", "",
              "Generated from the rule tables by `python docs/gen_ops.py` (a test fails when this file is stale;",
              "`tests/test_lowerings.py` fails when a lowering has no test case).", "",
-             "## ATen ops the capture lowers (`hogc/capture/lower.py`)", "",
+             "## ATen ops the capture lowers (`hogc/capture/aten.py`)", "",
              ", ".join(f"`{o}`" for o in supported_ops()), "",
              "The in-place variant `op_` of each lowered op (`relu_`, `add_`, `mul_`, ...) lowers to its",
              "functional twin, unless a view of the mutated tensor is read after the mutation (then",

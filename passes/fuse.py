@@ -90,6 +90,14 @@ def _fuse(e: Node, uses: dict[int, int]) -> Node:
 
 
 def fuse_einsums(program: Program) -> Program:
+    """Merge einsum producers into their einsum consumers (see the module docstring).
+
+    Args:
+        program: any program; nodes other than EINSUM (and sums of expanding einsums) are kept.
+
+    Returns:
+        An equivalent program whose einsums are tensor networks over the original operands.
+    """
     uses: dict[int, int] = {}
     for n in program.nodes:
         for s in n.src:

@@ -77,6 +77,18 @@ def _split(node: Node, strategy: str) -> Node:
 
 
 def contract_pairwise(program: Program, strategy: str = "auto") -> Program:
+    """Replace every einsum of three or more operands by the pairwise einsums of its path.
+
+    Args:
+        program: any program.
+        strategy: a name in ``PATH_STRATEGIES`` ('naive' keeps the order the passes wrote).
+
+    Returns:
+        An equivalent program whose einsums have at most two operands.
+
+    Raises:
+        ValueError: an unknown strategy (the message lists the registered ones).
+    """
     new: dict[int, Node] = {}
     for node in program.nodes:
         src = tuple(new[s.uid] for s in node.src)

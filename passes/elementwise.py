@@ -148,6 +148,11 @@ def _src(e: sp.Expr) -> str:  # noqa: C901
         for val, cond in reversed(pieces):
             out = f"torch.where({_src(cond)}, {_tensor(val)}, {out})"
         return out
+    if isinstance(e, (sp.Or, sp.And)):
+        op = " | " if isinstance(e, sp.Or) else " & "
+        return "(" + op.join(_src(a) for a in e.args) + ")"
+    if isinstance(e, sp.Not):
+        return f"(~{_src(e.args[0])})"
     if isinstance(e, sp.core.relational.Relational):
         return f"({_src(e.lhs)} {e.rel_op} {_src(e.rhs)})"
     raise NotImplementedError(f"no torch printing for sympy {e.func}")
@@ -213,6 +218,9 @@ register_elementwise("pow", x**p, torch.pow, params=("p",), example_params=(2.5,
 register_elementwise("sin", sp.sin(x), torch.sin)
 register_elementwise("cos", sp.cos(x), torch.cos)
 register_elementwise("relu", sp.Max(x, 0), torch.relu)
+lo, hi = sp.symbols("lo hi", real=True)
+register_elementwise("clamp", sp.Piecewise((lo, x < lo), (hi, x > hi), (x, True)), torch.clamp,
+                     params=("lo", "hi"), example_params=(-0.5, 0.7))
 register_elementwise("leaky_relu", sp.Piecewise((x, x > 0), (negative_slope * x, True)),
                      F.leaky_relu, params=("negative_slope",), example_params=(0.2,))
 register_elementwise(

@@ -251,7 +251,8 @@ def _check_samples(old: Node, node: Node) -> None:
     def fail(what: str):
         raise SampleMixingError(
             f"{what} in {old.where or 'the model'} ({format_node(node, {})}): this couples the samples of "
-            f"a batch, so hogc's per-sample derivative programs do not apply")
+            f"a batch. hogc's derivative programs follow samples (reverse mode vmapped over them), so such a "
+            f"model is not supported yet, not even for batch quantities like grad; 'loss' alone works")
 
     in_s = [s.has_sample for s in node.src]
     if node.op is Op.EINSUM:

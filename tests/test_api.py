@@ -112,6 +112,24 @@ def test_frozen_parameters_are_left_out():
     assert "inp.weight" not in out and "inp.bias" in out
 
 
+def test_frozen_parameters_and_buffers_with_numeric_names():
+    class Scale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("lambda", torch.tensor(2.0))  # a keyword as a name
+
+        def forward(self, x):
+            return x * getattr(self, "lambda")
+
+    model = nn.Sequential(Scale(), nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+    model[1].weight.requires_grad_(False)
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    out = hogc.compile(model, "grad")(x, y)
+    nn.CrossEntropyLoss()(model(x), y).backward()
+    assert set(out) == {"1.bias", "3.weight", "3.bias"}
+    torch.testing.assert_close(out["3.weight"], model[3].weight.grad)
+
+
 def test_unused_parameter_gets_zeros():
     class M(nn.Module):
         def __init__(self):

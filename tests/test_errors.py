@@ -138,7 +138,7 @@ def test_inplace_mutation_of_a_live_alias():
             return h + flat.view(h.shape)
 
     fn = hogc.compile(Alias(), "grad")
-    with pytest.raises(hogc.UnsupportedOpError, match="in-place 'mul_'.*alias 'view' is read afterwards"):
+    with pytest.raises(hogc.UnsupportedOpError, match="in-place 'mul_'.*read afterwards through another view.*'view' -> 'view_1'"):
         fn(torch.randn(4, 3), torch.randint(0, 3, (4,)))
 
 
@@ -166,3 +166,19 @@ def test_empty_batch():
     fn = hogc.compile(nn.Linear(3, 2), "grad")
     with pytest.raises(hogc.HogcError, match="at least one sample"):
         fn(torch.randn(0, 3), torch.randint(0, 2, (0,)))
+
+
+def test_slice_assignment_gets_a_hint():
+    class Assign(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+
+        def forward(self, x):
+            h = self.lin(x)
+            h[:, 1] = 0.0
+            return h
+
+    fn = hogc.compile(Assign(), "grad")
+    with pytest.raises(hogc.UnsupportedOpError, match=r"assignment into part of a tensor"):
+        fn(torch.randn(4, 3), torch.randint(0, 3, (4,)))

@@ -67,6 +67,15 @@ CASES = {
     "permute": lambda h, w: h.reshape(h.shape[0], 2, 2).permute(0, 2, 1),
     "movedim": lambda h, w: h.reshape(h.shape[0], 2, 2).movedim(1, 2),
     "swapaxes": lambda h, w: h.reshape(h.shape[0], 2, 2).swapaxes(1, 2),
+    "swapdims": lambda h, w: h.reshape(h.shape[0], 2, 2).swapdims(1, 2),
+    "numpy_T": lambda h, w: h @ (w.unsqueeze(1) * w.unsqueeze(0) + torch.eye(4, dtype=h.dtype)[:, :1]).T,
+    "mT": lambda h, w: (h.reshape(h.shape[0], 2, 2).mT * w[:2]).flatten(1),
+    "flip": lambda h, w: h.flip(1) * w.flip(0),
+    "clamp": lambda h, w: h.clamp(-0.3, 0.4) + h.clamp(min=0.1),
+    "clip": lambda h, w: h.clip(max=0.2),
+    "hardtanh": lambda h, w: torch.nn.functional.hardtanh(h, -0.5, 0.5),
+    "addcmul": lambda h, w: torch.addcmul(h, h, w, value=0.5),
+    "type_as": lambda h, w: h.type_as(w),
     "expand": lambda h, w: w.expand(h.shape[0], 4) * h,
     "expand_as": lambda h, w: w.expand_as(h) * h,
     "slice": lambda h, w: h[:, 1:4:2],
@@ -130,7 +139,7 @@ def test_lowering_against_torch_func(name):
             close(out[q][k], want[k])
 
 
-CAPTURED_AS = {"to", "tensor"}  # `to` of the same dtype vanishes; torch.tensor(...) becomes a constant
+CAPTURED_AS = {"to", "tensor", "type_as"}  # `to` of the same dtype vanishes; torch.tensor(...) becomes a constant
 UNREACHABLE = {  # lowerings for ATen ops that pre-dispatch tracing does not emit for these calls
     "_unsafe_view", "_to_copy",  # _to_copy only for real dtype changes, which raise (test_errors)
     "detach",  # detach of a parameter-dependent value is an error (test_errors)
@@ -167,3 +176,22 @@ def test_inplace_ops_lower_to_their_functional_twins():
         want = getattr(ref, q)()
         for k in want:
             close(out[q][k], want[k])
+
+
+def test_inplace_variant_of_a_name_read_rule():
+    """t_ must lower like t (rules see the ATen name with the in-place underscore removed)."""
+    class T(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.lin(x).t_().t()
+
+    torch.manual_seed(0)
+    model = T().double()
+    x, y = torch.randn(N, 4, dtype=torch.float64), torch.randint(0, 3, (N,))
+    got = hogc.compile(model, "grad")(x, y)
+    want = Reference(model, nn.CrossEntropyLoss(), x, y).grad()
+    for k in want:
+        close(got[k], want[k])

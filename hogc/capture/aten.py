@@ -2,7 +2,8 @@
 
 Indices are provisional here; the ``infer_indices`` pass assigns spaces and variances.
 A rule receives the op's arguments (IR nodes for tensors, Python values otherwise) and,
-if it names them, ``out_shape`` (torch's shape for the result), ``out_dtype`` and ``fx_node``.
+if it names them, ``out_shape`` (torch's shape for the result), ``out_dtype`` and ``op_name``
+(the ATen name, an in-place op's trailing underscore removed).
 """
 from __future__ import annotations
 
@@ -164,6 +165,32 @@ def _pow(x, p):
     raise UnsupportedOpError("pow with a tensor exponent")
 
 
+@lowering("clamp", "clip")
+def _clamp(x, lo=None, hi=None):
+    if isinstance(lo, Node) or isinstance(hi, Node):
+        raise UnsupportedOpError("clamp with tensor bounds")
+    lo = float("-inf") if lo is None else float(lo)
+    hi = float("inf") if hi is None else float(hi)
+    return B.elementwise("clamp", 0, (lo, hi), x)
+
+
+@lowering("hardtanh")
+def _hardtanh(x, lo=-1.0, hi=1.0):
+    return B.elementwise("clamp", 0, (float(lo), float(hi)), x)
+
+
+@lowering("addcmul")
+def _addcmul(a, b, c, value=1):
+    return B.add(_c(a), B.scale(B.mul(_c(b), _c(c)), value))
+
+
+@lowering("flip")
+def _flip(x, dims):
+    for d in dims:
+        x = B.index(x, d, tuple(range(x.shape[d] - 1, -1, -1)))
+    return x
+
+
 @lowering("square")
 def _square(x):
     return B.elementwise("pow", 0, (2.0,), x)
@@ -233,15 +260,17 @@ def _reshape_like(x, *a, out_shape):
     return B.reshape(x, out_shape)
 
 
-@lowering("t", "transpose", "swapaxes", "permute", "movedim")
-def _perm(x, *a, out_shape, fx_node):
-    name = fx_node.target.__name__.split(".")[0]
+@lowering("t", "transpose", "swapaxes", "swapdims", "permute", "movedim", "numpy_T", "mT")
+def _perm(x, *a, op_name):
+    name = op_name
     if name == "permute":
         perm = list(a[0])
     else:
         perm = list(range(x.ndim))
-        if name == "t":
+        if name in ("t", "numpy_T"):
             perm = perm[::-1]
+        elif name == "mT":
+            perm[-2], perm[-1] = perm[-1], perm[-2]
         elif name == "movedim":
             src, dst = a
             src, dst = ([src], [dst]) if isinstance(src, int) else (list(src), list(dst))
@@ -334,8 +363,8 @@ def _stack(xs, dim=0):
 
 
 @lowering("split", "split_with_sizes", "chunk", "unbind")
-def _split(x, arg=None, dim=0, *, out_shape, fx_node):
-    name = fx_node.target.__name__.split(".")[0]
+def _split(x, arg=None, dim=0, *, op_name):
+    name = op_name
     if name == "unbind":
         dim = 0 if arg is None else arg
     dim %= x.ndim
@@ -368,6 +397,6 @@ def _detach(x):
     return x  # checked below: only allowed where nothing depends on parameters
 
 
-@lowering("_to_copy", "to")
+@lowering("_to_copy", "to", "type_as")
 def _to(x, *a, out_dtype, **kw):
     return x

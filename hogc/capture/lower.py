@@ -110,16 +110,20 @@ def lower_graph(gm: torch.fx.GraphModule, param_names: list[str], trainable: set
             continue
         rule = LOWERINGS.get(name)
         if rule is None:
+            hint = ""
+            if name in ("copy_", "fill_", "index_put_", "slice_scatter", "select_scatter", "masked_fill_"):
+                hint = (" (an assignment into part of a tensor, like h[:, :2] = v or h[:, 1] = 0: build the "
+                        "tensor out of place instead, e.g. with torch.cat or torch.where)")
             raise UnsupportedOpError(
-                f"unsupported op '{node.target}' in {where}. hogc lowers these ATen ops: "
+                f"unsupported op '{node.target}' in {where}{hint}. hogc lowers these ATen ops: "
                 f"{', '.join(supported_ops())}")
         extra = {}
         code = rule.__code__.co_varnames[: rule.__code__.co_argcount + rule.__code__.co_kwonlyargcount]
         val_meta = node.meta.get("val")
         if "out_shape" in code:
             extra["out_shape"] = tuple(val_meta.shape) if hasattr(val_meta, "shape") else None
-        if "fx_node" in code:
-            extra["fx_node"] = node
+        if "op_name" in code:
+            extra["op_name"] = name
         if "out_dtype" in code:
             src_meta = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else None
             if hasattr(val_meta, "dtype") and getattr(src_meta, "dtype", val_meta.dtype) != val_meta.dtype \
@@ -158,8 +162,10 @@ def _check_inplace(node: torch.fx.Node, name: str, position, alias_root, where) 
         for user in member.users:
             if user is not node and position[user] > position[node]:
                 raise UnsupportedOpError(
-                    f"in-place '{name}' in {where} mutates a tensor whose alias '{member.name}' is read "
-                    f"afterwards by '{user.name}'; write it out of place (e.g. y = y + x)")
+                    f"in-place '{name}' in {where} mutates a tensor that is read afterwards through another "
+                    f"view of it (fx nodes '{member.name}' -> '{user.name}'), e.g. an update of a slice "
+                    f"(h[:, :2] += v) or of a tensor whose view is used later; compute the new tensor out "
+                    f"of place (h = h + v, or torch.cat of the updated and unchanged parts)")
 
 
 def _ancestors(node: Node) -> list[Node]:

@@ -243,9 +243,10 @@ def emit(program: Program, inputs: list[tuple[str, str]]) -> torch.fx.GraphModul
     root = torch.nn.Module()
     env: dict[int, object] = {}
     ph = {}
+    prefix = {"param": "p_", "buffer": "b_"}  # parameter names like "0.weight" are not identifiers
     for role, name in inputs:
-        safe = "".join(c if c.isalnum() else "_" for c in name)
-        ph[(role, name)] = g.placeholder(safe if role != "param" else f"p_{safe}")
+        safe = prefix.get(role, "") + "".join(c if c.isalnum() else "_" for c in name)
+        ph[(role, name)] = g.placeholder(safe)
     for node in program.nodes:
         if node.op is Op.INPUT:
             env[node.uid] = ph[node.arg]

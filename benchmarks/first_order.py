@@ -1,13 +1,17 @@
 """hogc vs BackPACK vs torch.func on the MNIST-sized MLP (784-512-256-10, batch 128).
 
 Every number is a ratio to the plain autograd gradient (``loss.backward()``) measured in
-the same run: median wall time over repeats, float32, CPU. Prints a markdown table.
+the same run: median wall time over interleaved rounds (each round times every runner
+once, so a change of machine load hits all alike), float32, CPU. Prints a markdown table.
 
     python benchmarks/first_order.py [--repeat 10] [--batch 128] [--threads N]
 """
 from __future__ import annotations
 
 import argparse
+import functools
+import statistics
+import time
 
 import torch
 from torch import nn
@@ -16,7 +20,6 @@ from torch.func import functional_call, grad, vjp, vmap
 import hogc
 from hogc.emit import runtime as R
 from hogc.examples import mnist_mlp
-from hogc.timing import median_time
 
 QUANTITIES = ["grad", "batch_grad", "batch_l2", "sum_grad_squared", "variance", "ggn_diag", "ggn_diag_mc",
               "batch_ggn_diag"]
@@ -98,7 +101,6 @@ def main():
     torch.manual_seed(0)
     x = torch.randn(args.batch, 784)
     y = torch.randint(0, 10, (args.batch,))
-
     model = mnist_mlp()
     lf = nn.CrossEntropyLoss()
 
@@ -106,22 +108,36 @@ def main():
         model.zero_grad(set_to_none=True)
         lf(model(x), y).backward()
 
-    t_grad = median_time(plain, args.repeat)
-    rows = []
+    runners = {"plain": plain}
     for q in QUANTITIES:
         fn = hogc.compile(model, q, seed=0)
-        t_h = median_time(lambda: fn(x, y), args.repeat)
+        runners[(q, "hogc")] = functools.partial(fn, x, y)
         bp_model = mnist_mlp()
         bp_model.load_state_dict(model.state_dict())
-        t_b = median_time(backpack_runner(bp_model, nn.CrossEntropyLoss(), x, y, q), args.repeat)
-        t_f = median_time(torch_func_runner(model, lf, x, y, q), max(3, args.repeat // 3))
-        rows.append((q, t_h / t_grad, t_b / t_grad, t_f / t_grad, t_b / t_h, t_f / t_h))
-    print(f"MNIST MLP 784-512-256-10, batch {args.batch}, float32, CPU ({torch.get_num_threads()} threads); "
-          f"plain autograd gradient = {t_grad * 1e3:.2f} ms = 1.00\n")
+        runners[(q, "backpack")] = backpack_runner(bp_model, nn.CrossEntropyLoss(), x, y, q)
+        runners[(q, "torch.func")] = torch_func_runner(model, lf, x, y, q)
+    # interleaved rounds: a change of machine load hits every runner alike
+    func_rounds = max(3, args.repeat // 3)
+    times: dict = {k: [] for k in runners}
+    for k, run in runners.items():
+        run()  # warm-up (and the first compile)
+    for r in range(args.repeat):
+        for k, run in runners.items():
+            if isinstance(k, tuple) and k[1] == "torch.func" and r >= func_rounds:
+                continue
+            t = time.perf_counter()
+            run()
+            times[k].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    t_grad = med["plain"]
+    print(f"MNIST MLP 784-512-256-10, batch {args.batch}, float32, CPU, torch threads: {torch.get_num_threads()}; "
+          f"plain autograd gradient = {t_grad * 1e3:.2f} ms = 1.00; medians of {args.repeat} interleaved rounds "
+          f"({func_rounds} for torch.func)\n")
     print("| quantity | hogc | BackPACK | torch.func | BackPACK / hogc | torch.func / hogc |")
     print("|---|---:|---:|---:|---:|---:|")
-    for q, h, b, f, bh, fh in rows:
-        print(f"| {q} | {h:.2f} | {b:.2f} | {f:.2f} | {bh:.2f}x | {fh:.1f}x |")
+    for q in QUANTITIES:
+        h, b, f = (med[(q, w)] / t_grad for w in ("hogc", "backpack", "torch.func"))
+        print(f"| {q} | {h:.2f} | {b:.2f} | {f:.2f} | {b / h:.2f}x | {f / h:.1f}x |")
 
 
 if __name__ == "__main__":

@@ -81,10 +81,15 @@ def _mul_sum(g, node, args):
         return v
 
     v = _fn(g, operator.mul, align(args[0], sa), align(args[1], sb))
-    summed = [k for k, c in enumerate(order) if c not in out]
+    return _reduce_to(g, v, "".join(order), out)
+
+
+def _reduce_to(g, v, have: str, out: str):
+    """Sum the letters of ``have`` missing from ``out``, then permute to ``out``'s order."""
+    summed = [k for k, c in enumerate(have) if c not in out]
     if summed:
         v = _fn(g, torch.sum, v, summed)
-    rest = [c for c in order if c in out]
+    rest = [c for c in have if c in out]
     if rest != list(out):
         v = _fn(g, torch.permute, v, [rest.index(c) for c in out])
     return v
@@ -109,15 +114,7 @@ def _prefers_mul_sum(node: Node) -> bool:
 
 def _sum_permute(g, node, args):
     """A one-operand einsum: sum the missing letters, then order the rest."""
-    (s,), out = node.arg.inputs, node.arg.output
-    v = args[0]
-    summed = [k for k, c in enumerate(s) if c not in out]
-    if summed:
-        v = _fn(g, torch.sum, v, summed)
-    rest = [c for c in s if c in out]
-    if rest != list(out):
-        v = _fn(g, torch.permute, v, [rest.index(c) for c in out])
-    return v
+    return _reduce_to(g, args[0], node.arg.inputs[0], node.arg.output)
 
 
 def _as_matmul(g, node, args):

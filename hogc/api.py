@@ -49,7 +49,6 @@ class CompiledFunction:
         shapes and requires_grad, the module tree (identity, type, train/eval) and the loss."""
         ps = tuple((p.dtype, p.device, p.shape, p.requires_grad) for _, p in named)
         mods = tuple((id(m), type(m), m.training) for m in self.model.modules())
-        self.spec = loss_spec(self.loss)
         return (x.shape, x.dtype, x.device, getattr(y, "shape", None), getattr(y, "dtype", None), ps, mods,
                 self.spec)
 
@@ -90,6 +89,7 @@ class CompiledFunction:
         if x.ndim == 0 or x.shape[0] == 0:
             raise HogcError(f"x must have a leading sample axis with at least one sample, got shape {tuple(x.shape)}")
         named = list(self.model.named_parameters()) if named is None else named
+        self.spec = loss_spec(self.loss)  # the loss module may have been changed since compile
         key = self._key(x, y, named)
         spec = self._cache.get(key)
         if spec is None:

@@ -35,11 +35,12 @@ class CompiledFunction:
 
     def __init__(self, model: nn.Module, quantities: Sequence[str], single: bool, loss: nn.Module,
                  mc_samples: int, seed: int | None, generator: torch.Generator | None, optimize: str,
-                 verify: bool | None):
+                 verify: bool | None, top_k: int = 1):
         self.model, self.quantities, self.single = model, tuple(quantities), single
         self.loss, self.spec = loss, loss_spec(loss)
         self.mc_samples, self.seed, self.generator = mc_samples, seed, generator
-        self.optimize, self.verify = optimize, verify
+        self.optimize, self.verify, self.top_k = optimize, verify, top_k
+        self.takes_vector = any(get_quantity(q).takes_vector for q in self.quantities)
         self._cache: dict[tuple, _Specialization] = {}
         self._last: _Specialization | None = None
 
@@ -70,12 +71,14 @@ class CompiledFunction:
             where = "is missing" if out.sample_axis() is None else f"is at position {out.sample_axis()}"
             raise SampleMixingError(f"the model output (shape {out.shape}) must keep the samples of x on its first "
                                     f"axis; the sample axis {where}")
-        unopt = derive(forward, self.quantities, self.spec, self.mc_samples)
+        shapes = {k: tuple(p.shape) for k, p in self.model.named_parameters() if p.requires_grad}
+        unopt = derive(forward, self.quantities, self.spec, x.dtype, shapes, self.mc_samples, self.top_k)
         program = run_pipeline(unopt, optimization_pipeline(self.optimize), self.verify)
         used = {n.arg for n in program.inputs()}
         order = [("param", k) for k, p in self.model.named_parameters() if p.requires_grad] + \
                 [("buffer", k) for k, p in self.model.named_parameters() if not p.requires_grad] + \
                 [("buffer", k) for k, _ in self.model.named_buffers()] + \
+                [("vector", k) for k, p in self.model.named_parameters() if p.requires_grad] + \
                 [("data", "x"), ("target", "y"), ("rng", "generator")]
         inputs = [i for i in order if i in used or i[0] in ("data", "target")]
         gm = emit(program, inputs).to(x.device)  # captured constants follow the inputs
@@ -98,7 +101,17 @@ class CompiledFunction:
         return spec
 
     # --- calling -------------------------------------------------------------------------
-    def __call__(self, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator | None = None):
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, v: dict[str, torch.Tensor] | None = None, *,
+                 generator: torch.Generator | None = None):
+        """Evaluate the quantities at the model's current parameters.
+
+        Args:
+            x: inputs, samples on the first axis.
+            y: targets for the loss.
+            v: the direction of matrix-free products (``ggnvp``): a dict keyed and shaped like the
+                trainable parameters.
+            generator: random draws of Monte-Carlo quantities (overrides ``seed``/``generator`` of compile).
+        """
         named = list(self.model.named_parameters())
         spec = self.specialize(x, y, named)
         if spec.num_classes is not None:
@@ -107,11 +120,32 @@ class CompiledFunction:
         values.update({("buffer", k): b for k, b in self.model.named_buffers()})
         values[("data", "x")] = x
         values[("target", "y")] = y
+        if self.takes_vector:
+            values.update(self._vector(v, named))
         if ("rng", "generator") in spec.inputs:
             values[("rng", "generator")] = self._rng(x.device, generator)
         with torch.no_grad():
             flat = spec.gm(*[values[i] for i in spec.inputs])
-        return self._assemble(flat, spec, x, named)
+        return self._assemble(flat, spec)
+
+    def _vector(self, v, named) -> dict:
+        names = [q for q in self.quantities if get_quantity(q).takes_vector]
+        if not isinstance(v, dict):
+            raise HogcError(f"{', '.join(names)} needs a vector: call fn(x, y, v) with v a dict keyed like the "
+                            f"trainable parameters")
+        out = {}
+        for k, p in named:
+            if not p.requires_grad:
+                continue
+            if k not in v:
+                raise HogcError(f"the vector v has no entry '{k}' (it needs one per trainable parameter)")
+            if tuple(v[k].shape) != tuple(p.shape):
+                raise HogcError(f"v['{k}'] has shape {tuple(v[k].shape)}, the parameter {tuple(p.shape)}")
+            out[("vector", k)] = v[k].to(dtype=p.dtype)
+        extra = set(v) - {k for k, p in named if p.requires_grad}
+        if extra:
+            raise HogcError(f"the vector v has entries for unknown or frozen parameters: {sorted(extra)}")
+        return out
 
     def _rng(self, device, generator):
         if generator is not None:
@@ -123,23 +157,15 @@ class CompiledFunction:
                       int(torch.randint(0, 2**62, (1,)).item()))
         return g
 
-    def _assemble(self, flat, spec: _Specialization, x, named):
+    def _assemble(self, flat, spec: _Specialization):
         values = dict(zip(spec.program.outputs, flat))
         result = {}
-        params = [(k, p) for k, p in named if p.requires_grad]
         for qname in self.quantities:
-            q = get_quantity(qname)
-            if not q.per_param:
+            if get_quantity(qname).per_param:
+                prefix = qname + "/"
+                result[qname] = {k[len(prefix):]: t for k, t in values.items() if k.startswith(prefix)}
+            else:
                 result[qname] = values[qname]
-                continue
-            d = {}
-            for k, p in params:
-                v = values.get(f"{qname}/{k}")
-                if v is None:  # the loss does not depend on this parameter
-                    shape = ((x.shape[0],) if q.batch else ()) + (tuple(p.shape) if q.param_shaped else ())
-                    v = torch.zeros(shape, dtype=p.dtype, device=p.device)
-                d[k] = v
-            result[qname] = d
         return result[self.quantities[0]] if self.single else result
 
     # --- introspection ---------------------------------------------------------------------
@@ -166,7 +192,7 @@ class CompiledFunction:
 
 def compile(model: nn.Module, quantity: str | Sequence[str] = "ggn_diag", loss: nn.Module | None = None, *,
             mc_samples: int = 1, seed: int | None = None, generator: torch.Generator | None = None,
-            optimize: str = "auto", verify: bool | None = None) -> CompiledFunction:
+            optimize: str = "auto", verify: bool | None = None, top_k: int = 1) -> CompiledFunction:
     """Compile derivative quantities of ``loss(model(x), y)``.
 
     Args:
@@ -179,6 +205,7 @@ def compile(model: nn.Module, quantity: str | Sequence[str] = "ggn_diag", loss: 
         generator: a ``torch.Generator`` to draw from (also accepted per call).
         optimize: contraction-path strategy ('auto', 'naive', 'greedy', 'optimal', 'dp').
         verify: run the IR verifier after every pass (default: ``HOGC_VERIFY`` env var).
+        top_k: how many of the largest GGN eigenvalues ``ggn_eigen`` returns.
 
     Returns:
         A :class:`CompiledFunction`; call it as ``fn(x, y)``.
@@ -198,5 +225,7 @@ def compile(model: nn.Module, quantity: str | Sequence[str] = "ggn_diag", loss: 
     from hogc.passes.paths import PATH_STRATEGIES
     if optimize not in PATH_STRATEGIES:
         raise HogcError(f"unknown optimize strategy '{optimize}'; registered: {sorted(PATH_STRATEGIES)}")
+    if top_k < 1:
+        raise HogcError(f"top_k must be >= 1, got {top_k}")
     return CompiledFunction(model, names, single, loss if loss is not None else nn.CrossEntropyLoss(),
-                            mc_samples, seed, generator, optimize, verify)
+                            mc_samples, seed, generator, optimize, verify, top_k)

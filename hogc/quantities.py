@@ -10,12 +10,16 @@ The optimization passes then turn e.g. ``sum_{c,n} V^2`` into BackPACK's formula
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Callable
 
+import torch
+
 from hogc.passes.backpropagate import backpropagate
+from hogc.passes.vjp_rules import cot_indices
 
 from .capture.losses import num_columns
 from .errors import UnknownQuantityError
@@ -29,19 +33,18 @@ class Quantity:
     name: str
     build: Callable[["DerivativeBuilder"], "Node | dict[str, Node]"]
     per_param: bool  # result keyed by parameter name
-    batch: bool  # leading sample axis
     doc: str
-    param_shaped: bool = True  # per-parameter results shaped like the parameter (after the sample axis)
+    takes_vector: bool = False  # the compiled function takes a vector v (dict keyed like the parameters)
 
 
 QUANTITIES: dict[str, Quantity] = {}
 
 
-def register_quantity(name: str, *, per_param: bool = True, batch: bool = False, param_shaped: bool = True):
+def register_quantity(name: str, *, per_param: bool = True, takes_vector: bool = False):
     def deco(fn):
         if name in QUANTITIES:
             raise ValueError(f"quantity '{name}' is already registered")
-        QUANTITIES[name] = Quantity(name, fn, per_param, batch, (fn.__doc__ or "").strip(), param_shaped)
+        QUANTITIES[name] = Quantity(name, fn, per_param, (fn.__doc__ or "").strip(), takes_vector)
         return fn
     return deco
 
@@ -55,25 +58,34 @@ def get_quantity(name: str) -> Quantity:
 class DerivativeBuilder:
     """Builds (and shares, via hash-consing) the derivative graphs quantities need."""
 
-    def __init__(self, output: Node, target: Node, params: dict[str, Node], spec: LossSpec,
-                 rng: Node | None = None, mc_samples: int = 1):
-        self.output, self.target, self.params, self.spec = output, target, params, spec
-        self.rng, self.mc_samples = rng, mc_samples
+    def __init__(self, output: Node, target: Node, params: dict[str, Node], spec: LossSpec, dtype: torch.dtype,
+                 rng: Node | None = None, mc_samples: int = 1, top_k: int = 1):
+        self.output, self.target, self.params, self.spec, self.dtype = output, target, params, spec, dtype
+        self.rng, self.mc_samples, self.top_k = rng, mc_samples, top_k
         self.N = output.shape[output.sample_axis()]
+        self.sample = output.indices[output.sample_axis()]
 
     @cached_property
     def loss(self) -> Node:
         return Node(Op.LOSS, (self.output, self.target), self.spec, ())
 
+    def _backprop(self, seed: Node, lead: tuple[Index, ...]) -> dict[str, Node]:
+        """Per-sample cotangents of every parameter; explicit zeros where the loss does not depend on one."""
+        cots = backpropagate(self.output, seed, lead, self.params)
+        for name, p in self.params.items():
+            if name not in cots:
+                layout = cot_indices(p, lead, self.sample)
+                cots[name] = B.const_tensor(torch.zeros([i.size for i in layout], dtype=self.dtype), layout)
+        return {name: cots[name] for name in self.params}
+
     @cached_property
     def per_sample_grads(self) -> dict[str, Node]:
         seed = Node(Op.LOSS_GRAD, (self.output, self.target), self.spec, dual(self.output.indices))
-        return backpropagate(self.output, seed, (), self.params)
+        return self._backprop(seed, ())
 
     def _columns(self, op: Op, arg, src, C: int, name: str) -> dict[str, Node]:
         c = Index(name, C, COLUMN, Variance.BATCH)
-        seed = Node(op, src, arg, (c,) + dual(self.output.indices))
-        return backpropagate(self.output, seed, (c,), self.params)
+        return self._backprop(Node(op, src, arg, (c,) + dual(self.output.indices)), (c,))
 
     @cached_property
     def sqrt_ggn(self) -> dict[str, Node]:
@@ -85,15 +97,27 @@ class DerivativeBuilder:
         return self._columns(Op.LOSS_SQRT_HESSIAN_MC, (self.spec, self.mc_samples),
                              (self.output, self.target, self.rng), self.mc_samples, "m")
 
+    @cached_property
+    def vector(self) -> dict[str, Node]:
+        """The direction v of the products, one INPUT per parameter (a parameter-space vector: upper)."""
+        return {name: B.inp("vector", name, p.indices) for name, p in self.params.items()}
 
-def derive(forward: Program, quantities: Sequence[str], spec: LossSpec, mc_samples: int = 1) -> Program:
+
+def derive(forward: Program, quantities: Sequence[str], spec: LossSpec, dtype: torch.dtype,
+           param_shapes: dict[str, tuple[int, ...]], mc_samples: int = 1, top_k: int = 1) -> Program:
     """The derivative program: forward program (indices inferred) -> one output per quantity and
-    parameter (``"grad/0.weight"``) or per quantity (``"loss"``). Quantities share nodes."""
+    parameter (``"grad/0.weight"``) or per quantity (``"loss"``). Quantities share nodes.
+
+    ``param_shapes`` lists every trainable parameter in model order; one the loss does not depend
+    on (absent from ``forward``) gets explicit zeros."""
     out = forward.outputs["output"]
-    params = {n.arg[1]: n for n in forward.inputs("param")}
+    used = {n.arg[1]: n for n in forward.inputs("param")}
+    params = {name: used.get(name) or B.inp("param", name, tuple(
+        Index(f"{name}.{k}", d, f"{name}.{k}", Variance.UP) for k, d in enumerate(shape)))
+        for name, shape in param_shapes.items()}
     target = B.inp("target", "y", (out.indices[0],) if spec.kind == "cross_entropy" else out.indices)
     rng = B.inp("rng", "generator", ())
-    builder = DerivativeBuilder(out, target, params, spec, rng, mc_samples)
+    builder = DerivativeBuilder(out, target, params, spec, dtype, rng, mc_samples, top_k)
     outputs: dict[str, Node] = {}
     for qname in quantities:
         q = get_quantity(qname)
@@ -127,13 +151,13 @@ def _grad(b):
             for k, p in b.per_sample_grads.items()}
 
 
-@register_quantity("batch_grad", batch=True)
+@register_quantity("batch_grad")
 def _batch_grad(b):
     """Per-sample gradients (each sample's share of the loss; they sum to grad)."""
     return dict(b.per_sample_grads)
 
 
-@register_quantity("batch_l2", batch=True, param_shaped=False)
+@register_quantity("batch_l2")
 def _batch_l2(b):
     """Squared l2 norm of each per-sample gradient, shape (N,)."""
     return {k: _square_sum(p, B.letters(1), 1, metric=True) for k, p in b.per_sample_grads.items()}
@@ -162,7 +186,7 @@ def _ggn_diag(b):
     return {k: _square_sum(v, "", 2, metric=False) for k, v in b.sqrt_ggn.items()}
 
 
-@register_quantity("batch_ggn_diag", batch=True)
+@register_quantity("batch_ggn_diag")
 def _batch_ggn_diag(b):
     """Per-sample GGN diagonals (they sum to ggn_diag)."""
     return {k: _square_sum(v, B.letters(2)[1], 2, metric=False) for k, v in b.sqrt_ggn.items()}
@@ -172,3 +196,68 @@ def _batch_ggn_diag(b):
 def _ggn_diag_mc(b):
     """Monte-Carlo GGN diagonal (Fisher with sampled targets), mc_samples columns."""
     return {k: _square_sum(v, "", 2, metric=False) for k, v in b.sqrt_ggn_mc.items()}
+
+
+# --- GGN blocks, full matrix, factor, products, spectrum ------------------------------------
+
+def _flat_columns(b: DerivativeBuilder) -> Node:
+    """All parameters' square-root columns side by side: (C, N, D), parameters in model order."""
+    flats = []
+    for v in b.sqrt_ggn.values():
+        P = math.prod(v.shape[2:])
+        flats.append(B.reshape(v, v.shape[:2] + (P,)))
+    return B.cat(flats, 2)
+
+
+@register_quantity("sqrt_ggn")
+def _sqrt_ggn(b):
+    """V with GGN = V V^T: per parameter (C, N, *param), BackPACK's SqrtGGNExact layout."""
+    return dict(b.sqrt_ggn)
+
+
+@register_quantity("ggn_block")
+def _ggn_block(b):
+    """The exact (P x P) GGN block of each parameter (P = param.numel(), row-major)."""
+    out = {}
+    for k, v in b.sqrt_ggn.items():
+        nd = v.ndim - 2
+        L = B.letters(2 + 2 * nd)
+        c, n, A, Bl = L[0], L[1], L[2:2 + nd], L[2 + nd:]
+        block = B.einsum([c + n + A, c + n + Bl], A + Bl, [v, v])
+        P = math.prod(v.shape[2:])
+        out[k] = B.reshape(block, (P, P))
+    return out
+
+
+@register_quantity("ggn", per_param=False)
+def _ggn(b):
+    """The full (D x D) GGN over all trainable parameters, flattened and concatenated in
+    ``named_parameters()`` order."""
+    V = _flat_columns(b)
+    return B.einsum(["cna", "cnb"], "ab", [V, V])
+
+
+@register_quantity("ggnvp", takes_vector=True)
+def _ggnvp(b):
+    """GGN times the vector v (dict keyed like the parameters): sum_n J_n^T H_n J_n v, matrix-free."""
+    u = None  # u_{cn} = sum_theta V_theta . v_theta: the columns applied to v (a Jacobian-vector product)
+    for k, v in b.sqrt_ggn.items():
+        L = B.letters(v.ndim)
+        t = B.einsum([L, L[2:]], L[:2], [v, b.vector[k]])
+        u = t if u is None else B.add(u, t)
+    out = {}
+    for k, v in b.sqrt_ggn.items():
+        L = B.letters(v.ndim)
+        out[k] = B.einsum([L[:2], L], L[2:], [u, v])
+    return out
+
+
+@register_quantity("ggn_eigen", per_param=False)
+def _ggn_eigen(b):
+    """The ``top_k`` largest GGN eigenvalues, from the (CN x CN) Gram matrix V^T V (ViViT)."""
+    V = _flat_columns(b)
+    gram = B.einsum(["cna", "dma"], "cndm", [V, V], metric="a")  # Euclidean inner product of columns
+    CN = V.shape[0] * V.shape[1]
+    gram = B.reshape(gram, (CN, CN))
+    k = min(b.top_k, CN)
+    return Node(Op.EIGVALSH, (gram,), k, (Index("k", k, "eigen", Variance.BATCH),))

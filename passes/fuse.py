@@ -36,6 +36,14 @@ def _inline(e: Node, k: int) -> Node:
     new_inputs = list(eq.inputs[:k]) + list(eq.inputs[k + 1:]) + ["".join(mapping[c] for c in s) for s in peq.inputs]
     new_src = list(e.src[:k]) + list(e.src[k + 1:]) + list(p.src)
     metric = eq.metric | {mapping[c] for c in peq.metric}
+    # a hyperedge of the producer that the consumer sums becomes a sum over three or more operands:
+    # a basis-dependent (diagonal) contraction, so it is marked like a metric one
+    counts: dict[str, int] = {}
+    for term, x in zip(new_inputs, new_src):
+        for ch, ix in zip(term, x.indices):
+            if not ix.is_batch:
+                counts[ch] = counts.get(ch, 0) + 1
+    metric |= {ch for ch, k in counts.items() if k > 2 and ch not in eq.output}
     return B.einsum(new_inputs, eq.output, new_src, metric=metric, out_indices=e.indices)
 
 

@@ -83,3 +83,46 @@ class Reference:
         J = self.jacobians()
         Sf = S.reshape(S.shape[0], S.shape[1], -1)
         return {k: torch.einsum("mno,no...->mn...", Sf, v).pow(2).sum((0, 1)) for k, v in J.items()}
+
+    # --- GGN matrices -------------------------------------------------------------------
+    def flat_jacobian(self):
+        """(N, O, D): per-sample output Jacobians, parameters flattened in model order."""
+        J = self.jacobians()
+        N = self.x.shape[0]
+        return torch.cat([v.reshape(N, v.shape[1], -1) for v in J.values()], 2)
+
+    def ggn(self):
+        J, H = self.flat_jacobian(), self.output_hessians()
+        return torch.einsum("noa,nop,npb->ab", J, H, J)
+
+    def ggn_block(self):
+        J, H = self.jacobians(), self.output_hessians()
+        N = self.x.shape[0]
+        out = {}
+        for k, v in J.items():
+            f = v.reshape(N, v.shape[1], -1)
+            out[k] = torch.einsum("noa,nop,npb->ab", f, H, f)
+        return out
+
+    def sqrt_ggn(self):
+        """J_n^T S_n with S hogc's loss-Hessian square root (checked against the Hessian separately)."""
+        from hogc.emit import runtime as R
+        S = R.loss_sqrt_hessian(self.out, self.y, *self.spec())
+        Sf = S.reshape(S.shape[0], S.shape[1], -1)
+        return {k: torch.einsum("cno,no...->cn...", Sf, v) for k, v in self.jacobians().items()}
+
+    def spec(self):
+        kind = {nn.CrossEntropyLoss: "cross_entropy", nn.MSELoss: "mse", nn.BCEWithLogitsLoss: "bce_with_logits"}
+        return kind[type(self.lf)], self.lf.reduction
+
+    def ggnvp(self, v):
+        flat = torch.cat([v[k].flatten() for k in self.params])
+        g = self.ggn() @ flat
+        out, s = {}, 0
+        for k, p in self.params.items():
+            out[k] = g[s:s + p.numel()].reshape(p.shape)
+            s += p.numel()
+        return out
+
+    def ggn_eigen(self, k):
+        return torch.linalg.eigvalsh(self.ggn()).flip(0)[:k]

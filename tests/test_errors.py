@@ -182,3 +182,17 @@ def test_slice_assignment_gets_a_hint():
     fn = hogc.compile(Assign(), "grad")
     with pytest.raises(hogc.UnsupportedOpError, match=r"assignment into part of a tensor"):
         fn(torch.randn(4, 3), torch.randint(0, 3, (4,)))
+
+
+def test_ggnvp_needs_a_well_formed_vector():
+    model = nn.Linear(3, 2)
+    fn = hogc.compile(model, "ggnvp")
+    x, y = torch.randn(4, 3), torch.randint(0, 2, (4,))
+    with pytest.raises(hogc.HogcError, match=r"needs a vector: call fn\(x, y, v\)"):
+        fn(x, y)
+    with pytest.raises(hogc.HogcError, match="no entry 'bias'"):
+        fn(x, y, {"weight": torch.zeros(2, 3)})
+    with pytest.raises(hogc.HogcError, match=r"v\['bias'\] has shape \(3,\)"):
+        fn(x, y, {"weight": torch.zeros(2, 3), "bias": torch.zeros(3)})
+    with pytest.raises(hogc.HogcError, match="unknown or frozen"):
+        fn(x, y, {"weight": torch.zeros(2, 3), "bias": torch.zeros(2), "scale": torch.zeros(1)})

@@ -224,6 +224,11 @@ def _loss_mc(g, node, args, gm):
     return _fn(g, R.loss_sqrt_hessian_mc, *args, spec.kind, spec.reduction, m)
 
 
+@emitter(Op.EIGVALSH)
+def _eigvalsh(g, node, args, gm):
+    return _fn(g, R.top_eigenvalues, args[0], node.arg)
+
+
 @emitter(Op.CONST)
 def _const(g, node, args, gm):
     if not isinstance(node.arg, Constant):
@@ -240,7 +245,7 @@ def emit(program: Program, inputs: list[tuple[str, str]]) -> torch.fx.GraphModul
     root = torch.nn.Module()
     env: dict[int, object] = {}
     ph = {}
-    prefix = {"param": "p_", "buffer": "b_"}  # parameter names like "0.weight" are not identifiers
+    prefix = {"param": "p_", "buffer": "b_", "vector": "v_"}  # names like "0.weight" are not identifiers
     for role, name in inputs:
         safe = prefix.get(role, "") + "".join(c if c.isalnum() else "_" for c in name)
         ph[(role, name)] = g.placeholder(safe)

@@ -12,7 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["loss_value", "loss_grad", "loss_sqrt_hessian", "loss_sqrt_hessian_mc",
+__all__ = ["top_eigenvalues", "loss_value", "loss_grad", "loss_sqrt_hessian", "loss_sqrt_hessian_mc",
            "slice_dim", "pad_dim", "index_dim", "index_add_dim"]
 
 
@@ -105,3 +105,8 @@ def index_add_dim(x: torch.Tensor, dim: int, index: tuple[int, ...], size: int) 
     shape = list(x.shape)
     shape[dim] = size
     return x.new_zeros(shape).index_add_(dim, torch.tensor(index, device=x.device), x)
+
+
+def top_eigenvalues(matrix: torch.Tensor, k: int) -> torch.Tensor:
+    """The k largest eigenvalues of a symmetric matrix, in descending order."""
+    return torch.linalg.eigvalsh(matrix).flip(0)[:k]

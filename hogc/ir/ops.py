@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from enum import Enum, auto
 
-__all__ = ["Op", "LOSS_OPS", "LEAF_OPS"]
+__all__ = ["Op", "LOSS_OPS", "LEAF_OPS", "TERMINAL_OPS"]
 
 
 class Op(Enum):
@@ -41,6 +41,9 @@ class Op(Enum):
     INDEX_ADD = auto()  # arg: (dim, indices, size): transpose of INDEX (scatter-add into zeros)
     CAT = auto()  # arg: dim
 
+    # --- linear algebra on finished results ------------------------------------
+    EIGVALSH = auto()  # arg: k; the k largest eigenvalues of a symmetric matrix, descending
+
     # --- losses (the boundary where the GGN splits) ---------------------------
     LOSS = auto()  # arg: LossSpec; src: (output, target); the scalar loss
     LOSS_GRAD = auto()  # arg: LossSpec; dL/df, shaped like the output (per-sample shares)
@@ -50,3 +53,5 @@ class Op(Enum):
 
 LOSS_OPS = frozenset({Op.LOSS, Op.LOSS_GRAD, Op.LOSS_SQRT_HESSIAN, Op.LOSS_SQRT_HESSIAN_MC})
 LEAF_OPS = frozenset({Op.INPUT, Op.CONST})
+#: Ops that only finish a derivative program and are never differentiated.
+TERMINAL_OPS = frozenset({Op.EIGVALSH})

@@ -158,14 +158,25 @@ class CompiledFunction:
         return g
 
     def _assemble(self, flat, spec: _Specialization):
+        """Outputs named ``q``, ``q/param`` or ``q/param/k`` become a value, a dict, or a dict of tuples."""
         values = dict(zip(spec.program.outputs, flat))
         result = {}
         for qname in self.quantities:
-            if get_quantity(qname).per_param:
-                prefix = qname + "/"
-                result[qname] = {k[len(prefix):]: t for k, t in values.items() if k.startswith(prefix)}
-            else:
+            if not get_quantity(qname).per_param:
                 result[qname] = values[qname]
+                continue
+            d: dict = {}
+            for key, t in values.items():
+                head, _, rest = key.partition("/")
+                if head != qname:
+                    continue
+                param, _, part = rest.rpartition("/") if rest.count("/") >= 1 and rest.rsplit("/", 1)[1].isdigit() \
+                    else (rest, "", "")
+                if part:
+                    d.setdefault(param, []).append((int(part), t))
+                else:
+                    d[rest] = t
+            result[qname] = {k: tuple(t for _, t in sorted(v)) if isinstance(v, list) else v for k, v in d.items()}
         return result[self.quantities[0]] if self.single else result
 
     # --- introspection ---------------------------------------------------------------------

@@ -22,8 +22,8 @@ from hogc.passes.backpropagate import backpropagate
 from hogc.passes.vjp_rules import cot_indices
 
 from .capture.losses import num_columns
-from .errors import UnknownQuantityError
-from .ir import COLUMN, Index, LossSpec, Node, Op, Program, Variance, build as B, dual
+from .errors import UnknownQuantityError, UnsupportedOpError
+from .ir import COLUMN, Index, LossSpec, Node, Op, Program, Variance, build as B, dual, topological_order
 
 __all__ = ["Quantity", "QUANTITIES", "register_quantity", "DerivativeBuilder", "get_quantity", "derive"]
 
@@ -96,6 +96,44 @@ class DerivativeBuilder:
     def sqrt_ggn_mc(self) -> dict[str, Node]:
         return self._columns(Op.LOSS_SQRT_HESSIAN_MC, (self.spec, self.mc_samples),
                              (self.output, self.target, self.rng), self.mc_samples, "m")
+
+    def column_cotangents(self, mc: bool, nodes: dict[str, Node]) -> dict[str, Node]:
+        """Cotangents of intermediate ``nodes`` in the exact (or Monte-Carlo) square-root backward
+        pass; the pass itself is shared with ``sqrt_ggn`` through hash-consing."""
+        if mc:
+            c = Index("m", self.mc_samples, COLUMN, Variance.BATCH)
+            seed = Node(Op.LOSS_SQRT_HESSIAN_MC, (self.output, self.target, self.rng), (self.spec, self.mc_samples),
+                        (c,) + dual(self.output.indices))
+        else:
+            c = Index("c", num_columns(self.spec, self.output.shape), COLUMN, Variance.BATCH)
+            seed = Node(Op.LOSS_SQRT_HESSIAN, (self.output, self.target), self.spec, (c,) + dual(self.output.indices))
+        cots = backpropagate(self.output, seed, (c,), self.params, also=nodes)
+        return {k: cots[k] for k in nodes if k in cots}
+
+    @cached_property
+    def linear_maps(self) -> dict[str, tuple[str, Node, Node | None]]:
+        """Parameters used once in a linear map ``z_{no} = W_{oi} x_{ni} (+ b_o)``, as in nn.Linear:
+        name -> ("weight", z, x) or ("bias", z, None)."""
+        order = topological_order([self.output])
+        uses: dict[int, int] = {}
+        for n in order:
+            for src in n.src:
+                uses[src.uid] = uses.get(src.uid, 0) + 1
+        names = {p.uid: k for k, p in self.params.items()}
+        sites: dict[str, tuple[str, Node, Node | None]] = {}
+        linear: set[int] = set()
+        for z in order:
+            if z.op is Op.EINSUM and len(z.src) == 2 and z.ndim == 2 and z.sample_axis() == 0:
+                (sx, sw), (x, w) = z.arg.inputs, z.src
+                if w.uid in names and uses[w.uid] == 1 and x.ndim == 2 and x.sample_axis() == 0 and w.ndim == 2 \
+                        and sx[1] == sw[1] and z.arg.output == sx[0] + sw[0] and not z.arg.metric:
+                    sites[names[w.uid]] = ("weight", z, x)
+                    linear.add(z.uid)
+            elif z.op is Op.ADD and z.src[0].uid in linear:
+                bias = z.src[1]
+                if bias.uid in names and uses[bias.uid] == 1 and bias.ndim == 1 and bias.shape == z.shape[1:]:
+                    sites[names[bias.uid]] = ("bias", z.src[0], None)
+        return sites
 
     @cached_property
     def vector(self) -> dict[str, Node]:
@@ -261,3 +299,41 @@ def _ggn_eigen(b):
     gram = B.reshape(gram, (CN, CN))
     k = min(b.top_k, CN)
     return Node(Op.EIGVALSH, (gram,), k, (Index("k", k, "eigen", Variance.BATCH),))
+
+
+# --- Kronecker factors ----------------------------------------------------------------------
+
+def _kronecker(b: DerivativeBuilder, mc: bool) -> dict[str, Node]:
+    """Per parameter of a linear map, the factors (B, A) with B (x) A approximating its GGN block:
+    B = sum_{c,n} g_cn g_cn^T from the square-root backward pass (output side, lower-lower) and
+    A = mean_n x_n x_n^T (input side, upper-upper); a bias gets (B,). Keys ``"<name>/<k>"``."""
+    sites = b.linear_maps
+    if not sites:
+        raise UnsupportedOpError("no parameter is used in a linear map W x (+ b) of a 2-d input, so there "
+                                 "are no Kronecker factors to compute (weights shared over positions arrive "
+                                 "with the convolution and sequence work)")
+    cots = b.column_cotangents(mc, {f"z{k}": z for k, (_, z, _) in sites.items()})
+    out = {}
+    for name, (kind, z, x) in sites.items():
+        g = cots[f"z{name}"]
+        o = g.indices[2]
+        out[f"{name}/0"] = B.einsum(["cno", "cnp"], "op", [g, g], out_indices=(o, o))
+        if kind == "weight":
+            i = x.indices[1]
+            a = B.einsum(["ni", "nj"], "ij", [x, x], out_indices=(i, i))
+            out[f"{name}/1"] = B.scale(a, 1.0 / b.N)
+    return out
+
+
+@register_quantity("kflr")
+def _kflr(b):
+    """Kronecker factors from the exact loss-Hessian square root (KFLR): (B, A) for weights of
+    linear maps, (B,) for their biases; GGN block ~ B (x) A. Other parameters are left out."""
+    return _kronecker(b, mc=False)
+
+
+@register_quantity("kfac")
+def _kfac(b):
+    """Kronecker factors from the Monte-Carlo square root (KFAC, ``mc_samples`` columns, seeded like
+    ggn_diag_mc); same layout as kflr."""
+    return _kronecker(b, mc=True)

@@ -20,8 +20,10 @@ def depends_on(nodes: Iterable[Node], leaves: set[int]) -> set[int]:
     return dep
 
 
-def backpropagate(output: Node, seed: Node, lead: tuple[Index, ...], wrt: dict[str, Node]) -> dict[str, Node]:
-    """Cotangents of ``wrt`` given the cotangent ``seed`` of ``output``.
+def backpropagate(output: Node, seed: Node, lead: tuple[Index, ...], wrt: dict[str, Node],
+                  also: dict[str, Node] | None = None) -> dict[str, Node]:
+    """Cotangents of ``wrt`` (and of the intermediate values ``also``) given the cotangent ``seed``
+    of ``output``.
 
     Args:
         output: the model output (has a sample axis).
@@ -29,10 +31,13 @@ def backpropagate(output: Node, seed: Node, lead: tuple[Index, ...], wrt: dict[s
         lead: the extra batch indices carried through (``()`` for the gradient, the
             columns of the loss-Hessian square root for the GGN).
         wrt: parameter input nodes by name.
+        also: intermediate nodes by name whose cotangents are wanted too (e.g. the outputs of
+            linear maps, for Kronecker factors).
 
     Returns:
-        Per-sample cotangents by name, indices ``lead + (n,) + dual(param.indices)``;
-        parameters the output does not depend on are missing.
+        Per-sample cotangents by name, indices ``lead + (n,) + dual(param.indices)`` (for a
+        node with a sample axis ``lead + dual(indices)``); names the output does not depend on,
+        or whose values do not depend on a parameter, are missing.
     """
     order = topological_order([output])
     dep = depends_on(order, {p.uid for p in wrt.values()})
@@ -47,8 +52,8 @@ def backpropagate(output: Node, seed: Node, lead: tuple[Index, ...], wrt: dict[s
         cot = parts[0]
         for p in parts[1:]:
             cot = B.add(cot, p)
+        result[node.uid] = cot
         if node.op is Op.INPUT:
-            result[node.uid] = cot
             continue
         rule = vjp_rules.get(node.op)
         if rule is None:
@@ -56,4 +61,5 @@ def backpropagate(output: Node, seed: Node, lead: tuple[Index, ...], wrt: dict[s
         for src, c in zip(node.src, rule(node, cot, ctx)):
             if c is not None and src.uid in dep:
                 pending.setdefault(src.uid, []).append(c)
-    return {name: result[p.uid] for name, p in wrt.items() if p.uid in result}
+    wanted = dict(wrt) | dict(also or {})
+    return {name: result[p.uid] for name, p in wanted.items() if p.uid in result}

@@ -80,6 +80,8 @@ CASES = [
     # BackPACK's BCEWithLogitsLoss supports scalar outputs only
     Case("mlp_elu_bce1_sum", lambda: nn.Sequential(nn.Linear(4, 5), nn.ELU(), nn.Linear(5, 1)),
          lambda: nn.BCEWithLogitsLoss(reduction="sum"), (6, 4), sequential=True),
+    Case("mlp_tanh_bce1_mean", lambda: nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)),
+         nn.BCEWithLogitsLoss, (5, 3), sequential=True),
     Case("residual_mlp_ce_sum", lambda: ResidualMLP(8, 10, 4, depth=2), lambda: nn.CrossEntropyLoss(reduction="sum"),
          (5, 8)),
     Case("multiplied_branches_ce_mean", MultipliedBranches, nn.CrossEntropyLoss, (6, 6)),

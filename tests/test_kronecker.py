@@ -1,0 +1,100 @@
+"""Kronecker factors (KFLR exact, KFAC Monte-Carlo) against BackPACK and against the GGN block."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import hogc
+
+from .model_cases import CASES
+from .test_quantities import close
+
+from backpack import backpack as bp_ctx, extend  # test dependency, installed --no-deps by `make test`
+from backpack import extensions as ext
+
+SEQUENTIAL = [c for c in CASES if c.sequential]
+BACKPACK_KFLR = [c for c in SEQUENTIAL if "elu" not in c.id]  # BackPACK's KFLR has no ELU rule
+WITH_LINEAR = [c for c in CASES if not c.id.startswith("einsum_net")]
+
+
+@pytest.mark.parametrize("case", BACKPACK_KFLR, ids=lambda c: c.id)
+def test_kflr_matches_backpack(case):
+    model, lf, x, y = case.data()
+    out = hogc.compile(model, "kflr", loss=lf)(x, y)
+    model, lf = extend(model), extend(lf)
+    with bp_ctx(ext.KFLR()):
+        lf(model(x), y).backward()
+    for name, p in model.named_parameters():
+        assert len(out[name]) == len(p.kflr)
+        for got, want in zip(out[name], p.kflr):
+            close(got, want)
+
+
+@pytest.mark.parametrize("case", WITH_LINEAR, ids=lambda c: c.id)
+def test_kflr_is_the_ggn_block_at_batch_size_one(case):
+    """For one sample, B (x) A is exactly the GGN block of a linear layer's weight, B that of its bias."""
+    one = type(case)(case.id, case.make, case.loss, (1,) + case.x_shape[1:])
+    model, lf, x, y = one.data()
+    out = hogc.compile(model, ("kflr", "ggn_block"), loss=lf)(x, y)
+    assert out["kflr"], "no Kronecker factors found"
+    for name, factors in out["kflr"].items():
+        want = out["ggn_block"][name]
+        got = torch.kron(factors[0], factors[1]) if len(factors) == 2 else factors[0]
+        close(got, want)
+
+
+def test_factor_variances_in_the_ir():
+    """Output factor lower-lower, input factor upper-upper, so B^-1 G A^-1 has W's variance."""
+    model = nn.Sequential(nn.Linear(4, 3))
+    fn = hogc.compile(model, "kflr")
+    fn(torch.randn(5, 4), torch.randint(0, 3, (5,)))
+    lines = fn.ir.splitlines()
+    ret = lines[-1]
+    b_ref = ret.split("kflr/0.weight/0=")[1].split(",")[0].strip(" }")
+    a_ref = ret.split("kflr/0.weight/1=")[1].split(",")[0].strip(" }")
+    line = {ln.split("=")[0].strip(): ln for ln in lines[:-1]}
+    assert line[b_ref].rstrip().endswith("(h1_3 h1_3)")
+    assert line[a_ref].rstrip().endswith("(h0^4 h0^4)")
+
+
+def test_kfac_is_kflr_in_expectation():
+    """Statistical check: with M = 20000 Monte-Carlo columns every factor is within 5% (relative
+    Frobenius error) of KFLR; the error shrinks like 1/sqrt(M), about 1% here."""
+    case = SEQUENTIAL[0]
+    model, lf, x, y = case.data()
+    exact = hogc.compile(model, "kflr", loss=lf)(x, y)
+    mc = hogc.compile(model, "kfac", loss=lf, mc_samples=20000, seed=0)(x, y)
+    for name in exact:
+        for got, want in zip(mc[name], exact[name]):
+            assert (got - want).norm() / want.norm() < 0.05
+
+
+def test_kfac_matches_backpack_in_expectation():
+    """Both draw 5000 Monte-Carlo samples: each output factor is within 8% of the other's (both carry
+    ~1.5% sampling error); input factors are deterministic and equal."""
+    case = SEQUENTIAL[0]
+    model, lf, x, y = case.data()
+    ours = hogc.compile(model, "kfac", loss=lf, mc_samples=5000, seed=1)(x, y)
+    model, lf = extend(model), extend(lf)
+    torch.manual_seed(2)
+    with bp_ctx(ext.KFAC(mc_samples=5000)):
+        lf(model(x), y).backward()
+    for name, p in model.named_parameters():
+        assert (ours[name][0] - p.kfac[0]).norm() / p.kfac[0].norm() < 0.08
+        if len(p.kfac) == 2:
+            close(ours[name][1], p.kfac[1])
+
+
+def test_no_linear_map_is_a_clear_error():
+    class Scale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(3))
+
+        def forward(self, x):
+            return x * self.w
+
+    fn = hogc.compile(Scale(), "kflr")
+    with pytest.raises(hogc.UnsupportedOpError, match="no parameter is used in a linear map"):
+        fn(torch.randn(4, 3), torch.randint(0, 3, (4,)))

@@ -19,10 +19,11 @@ from typing import Callable
 import torch
 
 from hogc.passes.backpropagate import backpropagate
+from hogc.passes.push_forward import push_forward
 from hogc.passes.vjp_rules import cot_indices
 
 from .capture.losses import num_columns
-from .errors import UnknownQuantityError, UnsupportedOpError
+from .errors import HogcError, UnknownQuantityError, UnsupportedOpError
 from .ir import COLUMN, Index, LossSpec, Node, Op, Program, Variance, build as B, dual, topological_order
 
 __all__ = ["Quantity", "QUANTITIES", "register_quantity", "DerivativeBuilder", "get_quantity", "derive"]
@@ -337,3 +338,132 @@ def _kfac(b):
     """Kronecker factors from the Monte-Carlo square root (KFAC, ``mc_samples`` columns, seeded like
     ggn_diag_mc); same layout as kflr."""
     return _kronecker(b, mc=True)
+
+
+# --- Hessian quantities: forward-over-reverse --------------------------------------------
+
+#: Hessian blocks and diagonals here cost one Hessian-vector product per parameter entry (all
+#: batched as tangent directions); beyond this many entries per parameter hogc refuses.
+MAX_DIRECTIONS = 8192
+TANGENT = "tangent"
+
+
+def _directions(b: DerivativeBuilder, blocks: dict[str, tuple[int, int]], D: int) -> dict[str, Node]:
+    """Identity directions as tangents: parameter ``k`` gets rows ``[start, start + P)`` of eye(D)."""
+    s = Index("s", D, TANGENT, Variance.BATCH)
+    eye = torch.eye(D, dtype=b.dtype)
+    out = {}
+    for k, (start, P) in blocks.items():
+        p = b.params[k]
+        out[k] = B.const_tensor(eye[:, start:start + P].reshape((D,) + p.shape), (s,) + p.indices)
+    return out
+
+
+def _tangent_grads(b: DerivativeBuilder, tangents: dict[str, Node]) -> dict[str, Node | None]:
+    """Forward mode through the per-sample gradients: ``(s, n, *param)`` per parameter, ``None``
+    where the gradient does not depend on the directions."""
+    return push_forward(b.per_sample_grads, {b.params[k].uid: t for k, t in tangents.items()})
+
+
+def _sum_samples(t: Node) -> Node:
+    L = B.letters(t.ndim)
+    return B.einsum([L], L[0] + L[2:], [t])
+
+
+def _block_directions(b: DerivativeBuilder, name: str) -> tuple[int, Node]:
+    P = math.prod(b.params[name].shape)
+    if P > MAX_DIRECTIONS:
+        raise HogcError(f"parameter '{name}' has {P} entries; its exact Hessian block or diagonal costs one "
+                        f"Hessian-vector product per entry here (limit {MAX_DIRECTIONS}). Use hvp, or the "
+                        f"GGN quantities; Hessian backpropagation for large layers is planned")
+    return P, _directions(b, {name: (0, P)}, P)[name]
+
+
+def _zeros(b: DerivativeBuilder, shape, indices) -> Node:
+    return B.const_tensor(torch.zeros(shape, dtype=b.dtype), indices)
+
+
+@register_quantity("hvp", takes_vector=True)
+def _hvp(b):
+    """Hessian times the vector v (dict keyed like the parameters), forward-over-reverse."""
+    s = Index("s", 1, TANGENT, Variance.BATCH)
+    tangents = {k: B.reshape(v, (1,) + v.shape, (s,) + v.indices) for k, v in b.vector.items()}
+    out = {}
+    for k, t in _tangent_grads(b, tangents).items():
+        p = b.params[k]
+        if t is None:
+            out[k] = _zeros(b, p.shape, tuple(i.dual() for i in p.indices))
+            continue
+        L = B.letters(t.ndim)
+        out[k] = B.einsum([L], L[2:], [t])
+    return out
+
+
+def _block(b: DerivativeBuilder, name: str) -> Node:
+    """(P, n, P): per-sample Hessian rows of one parameter's block, directions first."""
+    P, direction = _block_directions(b, name)
+    t = _tangent_grads(b, {name: direction})[name]
+    p = b.params[name]
+    if t is None:
+        s = direction.indices[0]
+        return _zeros(b, (P, b.N, P), (s, b.sample, Index("p", P, TANGENT, Variance.LOW)))
+    return B.reshape(t, (P, b.N, P))
+
+
+def _diagonal(block: Node) -> Node:
+    """(P, n, P) -> (n, P): the diagonal of each sample's block (a basis-dependent extraction)."""
+    P = block.shape[0]
+    s, flat = block.indices[0], block.indices[2]
+    eye = B.const_tensor(torch.eye(P, dtype=torch.float64), (s, flat.dual()))
+    return B.einsum(["anb", "ab"], "na", [block, eye], out_indices=(block.indices[1], flat))
+
+
+@register_quantity("hessian_block")
+def _hessian_block(b):
+    """The exact (P x P) Hessian block of each parameter, row-major flattening."""
+    out = {}
+    for k in b.params:
+        blk = _block(b, k)
+        out[k] = B.einsum(["anb"], "ab", [blk])
+    return out
+
+
+@register_quantity("batch_hessian_diag")
+def _batch_hessian_diag(b):
+    """Per-sample Hessian diagonals (each sample's loss share), shape (N, *param); they sum to
+    hessian_diag."""
+    return {k: B.reshape(_diagonal(_block(b, k)), (b.N,) + b.params[k].shape) for k in b.params}
+
+
+@register_quantity("hessian_diag")
+def _hessian_diag(b):
+    """The exact diagonal of the Hessian (residual terms included), shaped like each parameter."""
+    return {k: B.reshape(_sum_samples_first(_diagonal(_block(b, k))), b.params[k].shape) for k in b.params}
+
+
+def _sum_samples_first(t: Node) -> Node:
+    L = B.letters(t.ndim)
+    return B.einsum([L], L[1:], [t])
+
+
+@register_quantity("hessian", per_param=False)
+def _hessian(b):
+    """The full (D x D) Hessian over all trainable parameters (``named_parameters()`` order)."""
+    blocks, start = {}, 0
+    for k, p in b.params.items():
+        blocks[k] = (start, math.prod(p.shape))
+        start += blocks[k][1]
+    D = start
+    if D > MAX_DIRECTIONS:
+        raise HogcError(f"the model has {D} parameters; the full Hessian costs one Hessian-vector product per "
+                        f"parameter here (limit {MAX_DIRECTIONS})")
+    tangents = _directions(b, blocks, D)
+    cols = []
+    for k, t in _tangent_grads(b, tangents).items():
+        P = blocks[k][1]
+        if t is None:
+            s = tangents[k].indices[0]
+            cols.append(_zeros(b, (D, P), (s, Index("p", P, TANGENT, Variance.LOW))))
+            continue
+        cols.append(B.reshape(_sum_samples(t), (D, P)))
+    return B.cat(cols, 1)

@@ -126,3 +126,43 @@ class Reference:
 
     def ggn_eigen(self, k):
         return torch.linalg.eigvalsh(self.ggn()).flip(0)[:k]
+
+    # --- Hessians ------------------------------------------------------------------------
+    def _unflatten(self, flat):
+        out, s = {}, 0
+        for k, p in self.params.items():
+            out[k] = flat[s:s + p.numel()].reshape(p.shape)
+            s += p.numel()
+        return out
+
+    def _flat(self):
+        return torch.cat([p.flatten() for p in self.params.values()])
+
+    def hessian(self):
+        return hessian(lambda f: self.lf(functional_call(self.model, self._unflatten(f), (self.x,)), self.y))(
+            self._flat())
+
+    def hessian_block(self):
+        H, out, s = self.hessian(), {}, 0
+        for k, p in self.params.items():
+            out[k] = H[s:s + p.numel(), s:s + p.numel()]
+            s += p.numel()
+        return out
+
+    def hessian_diag(self):
+        return self._unflatten(self.hessian().diagonal())
+
+    def batch_hessian_diag(self):
+        flat = self._flat()
+        Hn = vmap(hessian(lambda f, xn, yn: self.share(self._unflatten(f), xn, yn)), in_dims=(None, 0, 0))(
+            flat, self.x, self.y)
+        d = Hn.diagonal(dim1=1, dim2=2)
+        out, s = {}, 0
+        for k, p in self.params.items():
+            out[k] = d[:, s:s + p.numel()].reshape((-1,) + tuple(p.shape))
+            s += p.numel()
+        return out
+
+    def hvp(self, v):
+        flat = torch.cat([v[k].flatten() for k in self.params])
+        return self._unflatten(self.hessian() @ flat)

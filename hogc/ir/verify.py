@@ -102,8 +102,10 @@ def _check_variance(node: Node, names) -> None:
                 _fail(node, names, f"letter '{ch}' joins indices of different spaces {sorted(spaces)}")
             if ch in eq.output or ch in eq.metric:
                 continue
-            var = [ix.variance for ix in ixs if ix.size != 1 or ix.space != UNIT]
-            if not var or all(v is Variance.BATCH for v in var):
+            if any(ix.size == 1 and ix.space == UNIT for ix in ixs):
+                continue  # a size-1 broadcast axis: summing it is a reshape
+            var = [ix.variance for ix in ixs]
+            if all(v is Variance.BATCH for v in var):
                 continue
             if len(var) == 2 and set(var) == {Variance.UP, Variance.LOW}:
                 continue

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from hogc.emit.fx import EMITTERS, emit
-from hogc.ir import SAMPLE, Index, Op, Program, Variance, build as B
+from hogc.ir import SAMPLE, Index, Node, Op, Program, Variance, build as B
 from hogc.ir.ops import LEAF_OPS, LOSS_OPS, TERMINAL_OPS
 from hogc.passes.backpropagate import backpropagate
 from hogc.passes.vjp_rules import cot_indices, rule_kinds, vjp_rules
@@ -125,3 +125,79 @@ def test_docs_ops_list_is_current():
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     assert (path.with_name("ops.md")).read_text() == mod.render(), "run `python docs/gen_ops.py`"
+
+
+# --- forward mode ------------------------------------------------------------------------------
+
+S = 2
+_s = Index("s", S, "tangent", Variance.BATCH)
+
+
+def _derivative_examples():
+    a = _inp("a", (3,))
+    f = B.add(B.einsum(["ni", "io"], "no", [a, _inp("b", (3, 4), sample=False)]), _inp("c", (4,), sample=False))
+    y = B.inp("target", "y", (_n,))
+    from hogc.ir import LossSpec
+    spec = LossSpec("cross_entropy", "mean")
+    return {
+        "ELEMENTWISE_order1_y": lambda: B.elementwise("tanh", 1, (), a, B.elementwise("tanh", 0, (), a)),
+        "ELEMENTWISE_order2": lambda: B.elementwise("softplus", 2, (1.0, 20.0), a),
+        "LOSS_GRAD": lambda: Node(Op.LOSS_GRAD, (f, y), spec, tuple(i.dual() for i in f.indices)),
+        "LOSS": lambda: Node(Op.LOSS, (f, y), spec, ()),
+    }
+
+
+JVP_EXAMPLES = {op.name: fn for op, fn in EXAMPLES.items()} | _derivative_examples()
+
+
+def _check_jvp(out):
+    from torch.func import jvp
+
+    from hogc.passes.push_forward import push_forward
+
+    prog = Program.of({"out": out})
+    params = {n.arg[1]: n for n in prog.inputs("param")}
+    tans = {k: B.inp("data", f"t/{k}", (_s,) + p.indices) for k, p in params.items()}
+    tan = push_forward({"out": out}, {params[k].uid: t for k, t in tans.items()})["out"]
+    names = sorted(params)
+    targets = [("target", "y")] if prog.inputs("target") else []
+    program = Program.of({"out": out, "tan": tan})
+    gm = emit(program, [("param", k) for k in names] + [("data", f"t/{k}") for k in names] + targets)
+    fwd = emit(Program.of({"out": out}), [("param", k) for k in names] + targets)
+    g = torch.Generator().manual_seed(0)
+    vals = [torch.randn(params[k].shape, generator=g, dtype=torch.float64) for k in names]
+    dirs = [torch.randn((S,) + params[k].shape, generator=g, dtype=torch.float64) for k in names]
+    extra = [torch.tensor([0, 3, 1])] if targets else []
+    got = gm(*vals, *dirs, *extra)[1]
+    for s in range(S):
+        _, want = jvp(lambda *p: fwd(*p, *extra)[0], tuple(vals), tuple(d[s] for d in dirs))
+        torch.testing.assert_close(got[s], want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", sorted(JVP_EXAMPLES))
+def test_jvp_rule_matches_torch_func(name):
+    _check_jvp(JVP_EXAMPLES[name]())
+
+
+def test_every_differentiable_op_has_a_jvp_rule():
+    from hogc.passes.jvp_rules import jvp_rules
+
+    missing = [op.name for op in Op if op not in jvp_rules and op not in LEAF_OPS | TERMINAL_OPS
+               and op not in (Op.LOSS_SQRT_HESSIAN, Op.LOSS_SQRT_HESSIAN_MC)]
+    assert not missing, f"ops without a forward-mode rule: {missing}"
+    covered = {op for op in jvp_rules if op.name in JVP_EXAMPLES or op.name in {"ELEMENTWISE"}}
+    assert covered == set(jvp_rules), f"add forward-mode examples for {set(jvp_rules) - covered}"
+
+
+def test_missing_forward_rule_names_the_op():
+    from hogc.errors import MissingRuleError
+    from hogc.ir import LossSpec
+    from hogc.passes.push_forward import push_forward
+
+    f = _inp("a", (3,))
+    y = B.inp("target", "y", (_n,))
+    c = Index("c", 3, "column", Variance.BATCH)
+    sq = Node(Op.LOSS_SQRT_HESSIAN, (f, y), LossSpec("cross_entropy", "mean"), (c,) + tuple(i.dual() for i in f.indices))
+    t = B.inp("data", "t", (_s,) + f.indices)
+    with pytest.raises(MissingRuleError, match="LOSS_SQRT_HESSIAN"):
+        push_forward({"sq": sq}, {f.uid: t})

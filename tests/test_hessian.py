@@ -1,0 +1,54 @@
+"""Properties of the Hessian quantities beyond the torch.func comparisons in test_quantities."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import hogc
+
+from .test_quantities import close
+
+
+@pytest.mark.parametrize("loss", [nn.CrossEntropyLoss(), nn.MSELoss(reduction="sum")], ids=lambda lf: type(lf).__name__)
+def test_hessian_equals_ggn_on_piecewise_linear_networks(loss):
+    """With ReLU-type activations (second derivative zero almost everywhere) the residual terms of
+    each layer vanish: every parameter's Hessian block and diagonal equal the GGN's. Blocks that
+    couple two layers keep a residual (the output is bilinear in (W1, W2)), so the full matrices differ."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 5), nn.LeakyReLU(0.1), nn.Linear(5, 3)).double()
+    x = torch.randn(7, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (7,)) if isinstance(loss, nn.CrossEntropyLoss) else torch.randn(7, 3, dtype=torch.float64)
+    qs = ("hessian_block", "ggn_block", "hessian_diag", "ggn_diag", "batch_hessian_diag", "batch_ggn_diag",
+          "hessian", "ggn")
+    out = hogc.compile(model, qs, loss=loss)(x, y)
+    for k in out["ggn_diag"]:
+        close(out["hessian_block"][k], out["ggn_block"][k])
+        close(out["hessian_diag"][k], out["ggn_diag"][k])
+        close(out["batch_hessian_diag"][k], out["batch_ggn_diag"][k])
+    assert (out["hessian"] - out["ggn"]).abs().max() > 1e-3  # the cross-layer residual
+
+
+def test_hessian_differs_from_ggn_with_curved_activations():
+    """The residual terms are there: with tanh the Hessian is not the GGN (and is not PSD)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    x, y = torch.randn(7, 4, dtype=torch.float64), torch.randint(0, 3, (7,))
+    out = hogc.compile(model, ("hessian", "ggn"))(x, y)
+    assert (out["hessian"] - out["ggn"]).abs().max() > 1e-3
+    assert torch.linalg.eigvalsh(out["ggn"]).min() > -1e-12
+
+
+def test_hessian_is_symmetric():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(3, 4), nn.SiLU(), nn.Linear(4, 2)).double()
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 2, (5,))
+    H = hogc.compile(model, "hessian")(x, y)
+    close(H, H.T, rel=1e-14)
+
+
+def test_large_blocks_are_refused_with_advice():
+    model = nn.Sequential(nn.Linear(200, 50))  # a 10 000-entry weight
+    fn = hogc.compile(model, "hessian_diag")
+    with pytest.raises(hogc.HogcError, match=r"'0.weight' has 10000 entries.*Use hvp, or the GGN quantities"):
+        fn(torch.randn(3, 200), torch.randint(0, 50, (3,)))

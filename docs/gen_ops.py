@@ -6,7 +6,8 @@ from pathlib import Path
 from hogc.capture.lower import supported_ops
 from hogc.ir import Op
 from hogc.passes.elementwise import ELEMENTWISE_FNS, derivative_expr
-from hogc.passes.vjp_rules import vjp_rules
+from hogc.passes.jvp_rules import jvp_rules
+from hogc.passes.vjp_rules import rule_kinds, vjp_rules
 
 
 def render() -> str:
@@ -23,8 +24,11 @@ def render() -> str:
              "## Elementwise functions (`passes/elementwise.py`), first derivative as stored", "",
              "| function | f' (in x, or in y = f(x) where cheaper) |", "|---|---|"]
     lines += [f"| `{n}` | `{derivative_expr(n, 1)}` |" for n in ELEMENTWISE_FNS]
-    lines += ["", "## IR ops with a reverse-mode rule (`passes/vjp_rules.py`)", "",
-              ", ".join(f"`{o.name}`" for o in Op if o in vjp_rules), "",
+    lines += ["", "## Rule orders per IR op", "",
+              "| op | kind | reverse (`vjp_rules`) | forward (`jvp_rules`) |", "|---|---|---|---|"]
+    lines += [f"| `{o.name}` | {rule_kinds.get(o, '-')} | {'yes' if o in vjp_rules else '-'} | "
+              f"{'yes' if o in jvp_rules else '-'} |" for o in Op]
+    lines += ["",
               "## Losses", "",
               "`CrossEntropyLoss` (class-index targets), `MSELoss`, `BCEWithLogitsLoss`; reduction `mean` or `sum`.", ""]
     return "\n".join(lines)

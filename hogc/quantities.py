@@ -403,7 +403,6 @@ def _block(b: DerivativeBuilder, name: str) -> Node:
     """(P, n, P): per-sample Hessian rows of one parameter's block, directions first."""
     P, direction = _block_directions(b, name)
     t = _tangent_grads(b, {name: direction})[name]
-    p = b.params[name]
     if t is None:
         s = direction.indices[0]
         return _zeros(b, (P, b.N, P), (s, b.sample, Index("p", P, TANGENT, Variance.LOW)))

@@ -294,11 +294,15 @@ def _ggnvp(b):
 @register_quantity("ggn_eigen", per_param=False)
 def _ggn_eigen(b):
     """The ``top_k`` largest GGN eigenvalues, from the (CN x CN) Gram matrix V^T V (ViViT)."""
-    V = _flat_columns(b)
-    gram = B.einsum(["cna", "dma"], "cndm", [V, V], metric="a")  # Euclidean inner product of columns
-    CN = V.shape[0] * V.shape[1]
-    gram = B.reshape(gram, (CN, CN))
-    k = min(b.top_k, CN)
+    gram = None
+    for v in b.sqrt_ggn.values():  # one Gram term per parameter, so fusion can factor each one
+        L = B.letters(v.ndim + 2)
+        c, n, d, m, A = L[0], L[1], L[2], L[3], L[4:]
+        g = B.einsum([c + n + A, d + m + A], c + n + d + m, [v, v], metric=A)  # Euclidean inner product
+        gram = g if gram is None else B.add(gram, g)
+    C, N = gram.shape[:2]
+    gram = B.reshape(gram, (C * N, C * N))
+    k = min(b.top_k, C * N)
     return Node(Op.EIGVALSH, (gram,), k, (Index("k", k, "eigen", Variance.BATCH),))
 
 

@@ -122,6 +122,8 @@ class CompiledFunction:
         values[("target", "y")] = y
         if self.takes_vector:
             values.update(self._vector(v, named))
+        elif v is not None:
+            raise HogcError(f"a vector v was given, but none of {self.quantities} takes one (hvp and ggnvp do)")
         if ("rng", "generator") in spec.inputs:
             values[("rng", "generator")] = self._rng(x.device, generator)
         with torch.no_grad():
@@ -141,7 +143,9 @@ class CompiledFunction:
                 raise HogcError(f"the vector v has no entry '{k}' (it needs one per trainable parameter)")
             if tuple(v[k].shape) != tuple(p.shape):
                 raise HogcError(f"v['{k}'] has shape {tuple(v[k].shape)}, the parameter {tuple(p.shape)}")
-            out[("vector", k)] = v[k].to(dtype=p.dtype)
+            if v[k].dtype != p.dtype:
+                raise InputDtypeError(f"v['{k}'] has dtype {v[k].dtype}, the parameter {p.dtype}")
+            out[("vector", k)] = v[k]
         extra = set(v) - {k for k, p in named if p.requires_grad}
         if extra:
             raise HogcError(f"the vector v has entries for unknown or frozen parameters: {sorted(extra)}")

@@ -39,6 +39,8 @@ class Quantity:
 
 
 QUANTITIES: dict[str, Quantity] = {}
+#: the largest dense result or intermediate (elements) a quantity may need before hogc refuses it
+MAX_ELEMENTS = 2**28
 
 
 def register_quantity(name: str, *, per_param: bool = True, takes_vector: bool = False):
@@ -113,27 +115,39 @@ class DerivativeBuilder:
 
     @cached_property
     def linear_maps(self) -> dict[str, tuple[str, Node, Node | None]]:
-        """Parameters used once in a linear map ``z_{no} = W_{oi} x_{ni} (+ b_o)``, as in nn.Linear:
-        name -> ("weight", z, x) or ("bias", z, None)."""
+        """Parameters used once in a linear map ``z_{no} = W_{oi} x_{ni} (+ b_o)`` (``F.linear``, or
+        ``x @ W.T``): name -> ("weight", z, x) or ("bias", z + b, None). A bias factor uses the
+        cotangent of ``z + b`` itself: ``z`` may have other uses."""
         order = topological_order([self.output])
         uses: dict[int, int] = {}
         for n in order:
             for src in n.src:
                 uses[src.uid] = uses.get(src.uid, 0) + 1
         names = {p.uid: k for k, p in self.params.items()}
+
+        def weight(w: Node, sw: str) -> tuple[Node, str] | None:
+            """The parameter behind operand w, with its letters in (out, in) order."""
+            if w.op is Op.PERMUTE and w.arg == (1, 0) and uses[w.uid] == 1:  # x @ W.T
+                w, sw = w.src[0], sw[::-1]
+            if w.uid in names and uses[w.uid] == 1 and w.ndim == 2:
+                return w, sw
+            return None
+
         sites: dict[str, tuple[str, Node, Node | None]] = {}
         linear: set[int] = set()
         for z in order:
-            if z.op is Op.EINSUM and len(z.src) == 2 and z.ndim == 2 and z.sample_axis() == 0:
+            if z.op is Op.EINSUM and len(z.src) == 2 and z.ndim == 2 and z.sample_axis() == 0 and not z.arg.metric:
                 (sx, sw), (x, w) = z.arg.inputs, z.src
-                if w.uid in names and uses[w.uid] == 1 and x.ndim == 2 and x.sample_axis() == 0 and w.ndim == 2 \
-                        and sx[1] == sw[1] and z.arg.output == sx[0] + sw[0] and not z.arg.metric:
-                    sites[names[w.uid]] = ("weight", z, x)
-                    linear.add(z.uid)
+                found = weight(w, sw)
+                if found and x.ndim == 2 and x.sample_axis() == 0:
+                    w, sw = found
+                    if sx[1] == sw[1] and z.arg.output == sx[0] + sw[0]:
+                        sites[names[w.uid]] = ("weight", z, x)
+                        linear.add(z.uid)
             elif z.op is Op.ADD and z.src[0].uid in linear:
                 bias = z.src[1]
                 if bias.uid in names and uses[bias.uid] == 1 and bias.ndim == 1 and bias.shape == z.shape[1:]:
-                    sites[names[bias.uid]] = ("bias", z.src[0], None)
+                    sites[names[bias.uid]] = ("bias", z, None)
         return sites
 
     @cached_property
@@ -239,6 +253,12 @@ def _ggn_diag_mc(b):
 
 # --- GGN blocks, full matrix, factor, products, spectrum ------------------------------------
 
+def _guard(what: str, elements: int, result: str) -> None:
+    if elements > MAX_ELEMENTS:
+        raise HogcError(f"{result} of {what} has {elements} entries (more than {MAX_ELEMENTS}); use ggn_diag, "
+                        f"kflr, ggnvp or ggn_eigen instead")
+
+
 def _flat_columns(b: DerivativeBuilder) -> Node:
     """All parameters' square-root columns side by side: (C, N, D), parameters in model order."""
     flats = []
@@ -259,6 +279,7 @@ def _ggn_block(b):
     """The exact (P x P) GGN block of each parameter (P = param.numel(), row-major)."""
     out = {}
     for k, v in b.sqrt_ggn.items():
+        _guard(k, math.prod(v.shape[2:]) ** 2, "its GGN block")
         nd = v.ndim - 2
         L = B.letters(2 + 2 * nd)
         c, n, A, Bl = L[0], L[1], L[2:2 + nd], L[2 + nd:]
@@ -273,6 +294,7 @@ def _ggn(b):
     """The full (D x D) GGN over all trainable parameters, flattened and concatenated in
     ``named_parameters()`` order."""
     V = _flat_columns(b)
+    _guard("the model", V.shape[2] ** 2, "the full GGN")
     return B.einsum(["cna", "cnb"], "ab", [V, V])
 
 
@@ -302,7 +324,8 @@ def _ggn_eigen(b):
         gram = g if gram is None else B.add(gram, g)
     C, N = gram.shape[:2]
     gram = B.reshape(gram, (C * N, C * N))
-    k = min(b.top_k, C * N)
+    D = sum(math.prod(v.shape[2:]) for v in b.sqrt_ggn.values())
+    k = min(b.top_k, C * N, D)  # the GGN has rank <= min(CN, D); the Gram matrix's other eigenvalues are 0
     return Node(Op.EIGVALSH, (gram,), k, (Index("k", k, "eigen", Variance.BATCH),))
 
 
@@ -314,9 +337,9 @@ def _kronecker(b: DerivativeBuilder, mc: bool) -> dict[str, Node]:
     A = mean_n x_n x_n^T (input side, upper-upper); a bias gets (B,). Keys ``"<name>/<k>"``."""
     sites = b.linear_maps
     if not sites:
-        raise UnsupportedOpError("no parameter is used in a linear map W x (+ b) of a 2-d input, so there "
-                                 "are no Kronecker factors to compute (weights shared over positions arrive "
-                                 "with the convolution and sequence work)")
+        raise UnsupportedOpError("no parameter is used exactly once as the weight of a linear map on a 2-d "
+                                 "input (F.linear(x, W, b) or x @ W.T + b), so there are no Kronecker factors to "
+                                 "compute (weights shared over positions or layers arrive with the sequence work)")
     cots = b.column_cotangents(mc, {f"z{k}": z for k, (_, z, _) in sites.items()})
     out = {}
     for name, (kind, z, x) in sites.items():
@@ -363,15 +386,13 @@ def _directions(b: DerivativeBuilder, blocks: dict[str, tuple[int, int]], D: int
     return out
 
 
-def _tangent_grads(b: DerivativeBuilder, tangents: dict[str, Node]) -> dict[str, Node | None]:
-    """Forward mode through the per-sample gradients: ``(s, n, *param)`` per parameter, ``None``
-    where the gradient does not depend on the directions."""
-    return push_forward(b.per_sample_grads, {b.params[k].uid: t for k, t in tangents.items()})
-
-
-def _sum_samples(t: Node) -> Node:
-    L = B.letters(t.ndim)
-    return B.einsum([L], L[0] + L[2:], [t])
+def _tangent_grads(b: DerivativeBuilder, tangents: dict[str, Node], per_sample: bool = False
+                   ) -> dict[str, Node | None]:
+    """Forward mode through the gradients: ``(s, *param)`` per parameter (``(s, n, *param)`` with
+    ``per_sample``), ``None`` where the gradient does not depend on the directions. Summing the
+    samples before pushing forward lets fusion avoid the (directions x samples x entries) tensor."""
+    grads = b.per_sample_grads if per_sample else {k: _sum_samples_first(p) for k, p in b.per_sample_grads.items()}
+    return push_forward(grads, {b.params[k].uid: t for k, t in tangents.items()})
 
 
 def _block_directions(b: DerivativeBuilder, name: str) -> tuple[int, Node]:
@@ -395,53 +416,54 @@ def _hvp(b):
     out = {}
     for k, t in _tangent_grads(b, tangents).items():
         p = b.params[k]
-        if t is None:
-            out[k] = _zeros(b, p.shape, tuple(i.dual() for i in p.indices))
-            continue
-        L = B.letters(t.ndim)
-        out[k] = B.einsum([L], L[2:], [t])
+        out[k] = _zeros(b, p.shape, tuple(i.dual() for i in p.indices)) if t is None else \
+            B.reshape(t, p.shape, t.indices[1:])
     return out
 
 
-def _block(b: DerivativeBuilder, name: str) -> Node:
-    """(P, n, P): per-sample Hessian rows of one parameter's block, directions first."""
+def _block(b: DerivativeBuilder, name: str, per_sample: bool = False) -> Node:
+    """Hessian rows of one parameter's block, directions first: (P, P), or (P, n, P) per sample."""
     P, direction = _block_directions(b, name)
-    t = _tangent_grads(b, {name: direction})[name]
+    if per_sample and P * b.N * P > MAX_ELEMENTS:
+        raise HogcError(f"batch_hessian_diag of '{name}' needs a ({P}, {b.N}, {P}) intermediate here, more than "
+                        f"{MAX_ELEMENTS} elements; use hessian_diag (the batch total) or a smaller batch")
+    t = _tangent_grads(b, {name: direction}, per_sample)[name]
+    shape = (P, b.N, P) if per_sample else (P, P)
     if t is None:
-        s = direction.indices[0]
-        return _zeros(b, (P, b.N, P), (s, b.sample, Index("p", P, TANGENT, Variance.LOW)))
-    return B.reshape(t, (P, b.N, P))
+        s, flat = direction.indices[0], Index("p", P, TANGENT, Variance.LOW)
+        return _zeros(b, shape, (s, b.sample, flat) if per_sample else (s, flat))
+    return B.reshape(t, shape)
 
 
-def _diagonal(block: Node) -> Node:
-    """(P, n, P) -> (n, P): the diagonal of each sample's block (a basis-dependent extraction)."""
+def _diagonal(b: DerivativeBuilder, block: Node) -> Node:
+    """The diagonal of a (P, P) block, or of each sample's block in (P, n, P): a basis-dependent
+    extraction, written as a contraction with the identity."""
     P = block.shape[0]
-    s, flat = block.indices[0], block.indices[2]
-    eye = B.const_tensor(torch.eye(P, dtype=torch.float64), (s, flat.dual()))
+    s, flat = block.indices[0], block.indices[-1]
+    eye = B.const_tensor(torch.eye(P, dtype=b.dtype), (s, flat.dual()))
+    if block.ndim == 2:
+        return B.einsum(["ab", "ab"], "a", [block, eye], out_indices=(flat,))
     return B.einsum(["anb", "ab"], "na", [block, eye], out_indices=(block.indices[1], flat))
 
 
 @register_quantity("hessian_block")
 def _hessian_block(b):
     """The exact (P x P) Hessian block of each parameter, row-major flattening."""
-    out = {}
-    for k in b.params:
-        blk = _block(b, k)
-        out[k] = B.einsum(["anb"], "ab", [blk])
-    return out
+    return {k: _block(b, k) for k in b.params}
 
 
 @register_quantity("batch_hessian_diag")
 def _batch_hessian_diag(b):
     """Per-sample Hessian diagonals (each sample's loss share), shape (N, *param); they sum to
     hessian_diag."""
-    return {k: B.reshape(_diagonal(_block(b, k)), (b.N,) + b.params[k].shape) for k in b.params}
+    return {k: B.reshape(_diagonal(b, _block(b, k, per_sample=True)), (b.N,) + b.params[k].shape)
+            for k in b.params}
 
 
 @register_quantity("hessian_diag")
 def _hessian_diag(b):
     """The exact diagonal of the Hessian (residual terms included), shaped like each parameter."""
-    return {k: B.reshape(_sum_samples_first(_diagonal(_block(b, k))), b.params[k].shape) for k in b.params}
+    return {k: B.reshape(_diagonal(b, _block(b, k)), b.params[k].shape) for k in b.params}
 
 
 def _sum_samples_first(t: Node) -> Node:
@@ -464,9 +486,7 @@ def _hessian(b):
     cols = []
     for k, t in _tangent_grads(b, tangents).items():
         P = blocks[k][1]
-        if t is None:
-            s = tangents[k].indices[0]
-            cols.append(_zeros(b, (D, P), (s, Index("p", P, TANGENT, Variance.LOW))))
-            continue
-        cols.append(B.reshape(_sum_samples(t), (D, P)))
+        s = tangents[k].indices[0]
+        cols.append(_zeros(b, (D, P), (s, Index("p", P, TANGENT, Variance.LOW))) if t is None else
+                    B.reshape(t, (D, P)))
     return B.cat(cols, 1)

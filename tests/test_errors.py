@@ -196,3 +196,13 @@ def test_ggnvp_needs_a_well_formed_vector():
         fn(x, y, {"weight": torch.zeros(2, 3), "bias": torch.zeros(3)})
     with pytest.raises(hogc.HogcError, match="unknown or frozen"):
         fn(x, y, {"weight": torch.zeros(2, 3), "bias": torch.zeros(2), "scale": torch.zeros(1)})
+
+
+def test_vector_given_to_a_quantity_without_one_and_wrong_dtype():
+    model = nn.Linear(3, 2)
+    x, y = torch.randn(4, 3), torch.randint(0, 2, (4,))
+    v = {"weight": torch.zeros(2, 3), "bias": torch.zeros(2)}
+    with pytest.raises(hogc.HogcError, match="none of .* takes one"):
+        hogc.compile(model, "ggn")(x, y, v)
+    with pytest.raises(hogc.InputDtypeError, match=r"v\['weight'\] has dtype torch.float64"):
+        hogc.compile(model, "hvp")(x, y, {"weight": torch.zeros(2, 3, dtype=torch.float64), "bias": torch.zeros(2)})

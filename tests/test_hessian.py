@@ -52,3 +52,32 @@ def test_large_blocks_are_refused_with_advice():
     fn = hogc.compile(model, "hessian_diag")
     with pytest.raises(hogc.HogcError, match=r"'0.weight' has 10000 entries.*Use hvp, or the GGN quantities"):
         fn(torch.randn(3, 200), torch.randint(0, 50, (3,)))
+
+
+def test_float32_hessian_quantities_keep_the_dtype():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Tanh(), nn.Linear(4, 3))
+    x, y = torch.randn(6, 5), torch.randint(0, 3, (6,))
+    out = hogc.compile(model, ("hessian_diag", "batch_hessian_diag", "hessian_block", "hessian"))(x, y)
+    assert out["hessian"].dtype == torch.float32
+    for q in ("hessian_diag", "batch_hessian_diag", "hessian_block"):
+        assert all(t.dtype == torch.float32 for t in out[q].values())
+    torch.testing.assert_close(out["batch_hessian_diag"]["0.weight"].sum(0), out["hessian_diag"]["0.weight"])
+
+
+def test_oversized_results_are_refused():
+    big = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 10))
+    x, y = torch.randn(2, 784), torch.randint(0, 10, (2,))
+    with pytest.raises(hogc.HogcError, match="GGN block of 0.weight has .* entries"):
+        hogc.compile(big, "ggn_block")(x, y)
+    with pytest.raises(hogc.HogcError, match="the full GGN of the model"):
+        hogc.compile(big, "ggn")(x, y)
+
+
+def test_ggn_eigen_returns_at_most_the_rank_bound():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 2)).double()  # D = 8 < C N = 2 * 40
+    x, y = torch.randn(40, 3, dtype=torch.float64), torch.randn(40, 2, dtype=torch.float64)
+    out = hogc.compile(model, ("ggn_eigen", "ggn"), loss=nn.MSELoss(), top_k=20)(x, y)
+    assert out["ggn_eigen"].shape == (8,)
+    close(out["ggn_eigen"], torch.linalg.eigvalsh(out["ggn"]).flip(0))

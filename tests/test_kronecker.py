@@ -96,5 +96,50 @@ def test_no_linear_map_is_a_clear_error():
             return x * self.w
 
     fn = hogc.compile(Scale(), "kflr")
-    with pytest.raises(hogc.UnsupportedOpError, match="no parameter is used in a linear map"):
+    with pytest.raises(hogc.UnsupportedOpError, match="no parameter is used exactly once as the weight of a linear map"):
         fn(torch.randn(4, 3), torch.randint(0, 3, (4,)))
+
+
+class _Tied(nn.Module):
+    """One weight in two linear maps of the same input; only one has a bias, so W x has two uses."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 3)
+        self.b = nn.Linear(4, 3, bias=False)
+        self.b.weight = self.a.weight
+
+    def forward(self, x):
+        return self.a(x) + torch.tanh(self.b(x))
+
+
+class _HandWritten(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.W = nn.Parameter(torch.randn(5, 4) * 0.5)
+        self.b = nn.Parameter(torch.randn(5) * 0.1)
+        self.out = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.out(torch.tanh(x @ self.W.T + self.b))
+
+
+@pytest.mark.parametrize("make", [_Tied, _HandWritten] + [c.make for c in WITH_LINEAR],
+                         ids=["tied", "hand_written"] + [c.id for c in WITH_LINEAR])
+def test_bias_factor_is_the_exact_bias_block(make):
+    """A bias's Jacobian is the identity, so its factor B is its exact GGN block at any batch size."""
+    torch.manual_seed(0)
+    model = make().double()
+    x_shape = (5, 4) if make in (_Tied, _HandWritten) else next(c for c in WITH_LINEAR if c.make is make).x_shape
+    case = next((c for c in WITH_LINEAR if c.make is make), None)
+    if case is not None:
+        model, lf, x, y = case.data()
+    else:
+        lf, x, y = nn.CrossEntropyLoss(), torch.randn(x_shape, dtype=torch.float64), torch.randint(0, 3, (5,))
+    out = hogc.compile(model, ("kflr", "ggn_block"), loss=lf)(x, y)
+    biases = [k for k, f in out["kflr"].items() if len(f) == 1]
+    assert biases
+    for k in biases:
+        close(out["kflr"][k][0], out["ggn_block"][k])
+    if make is _HandWritten:
+        assert set(out["kflr"]) >= {"W", "b"}

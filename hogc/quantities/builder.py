@@ -1,0 +1,159 @@
+"""The derivative builder every quantity draws on, and ``derive`` (forward -> derivative program).
+
+Every derivative quantity is a contraction of reverse- or forward-mode results:
+
+* ``P[θ]_{n...}``: per-sample gradients (backpropagating ``dL/df``),
+* ``V[θ]_{cn...}``: per-sample Jacobian-transposed columns of the loss-Hessian square root
+  (backpropagating ``S`` with one more batch index ``c``), exact or Monte-Carlo,
+* tangents of the gradients (forward-over-reverse) for Hessian quantities.
+
+The optimization passes then turn e.g. ``sum_{c,n} V^2`` into BackPACK's formulas.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import cached_property
+
+import torch
+
+from hogc.passes.backpropagate import backpropagate
+from hogc.passes.vjp_rules import cot_indices
+
+from ..capture.losses import num_columns
+from ..ir import COLUMN, Index, LossSpec, Node, Op, Program, Variance, build as B, dual, topological_order
+from .registry import get_quantity
+
+__all__ = ["DerivativeBuilder", "derive", "square_sum"]
+
+
+class DerivativeBuilder:
+    """Builds (and shares, via hash-consing) the derivative graphs quantities need."""
+
+    def __init__(self, output: Node, target: Node, params: dict[str, Node], spec: LossSpec, dtype: torch.dtype,
+                 rng: Node | None = None, mc_samples: int = 1, top_k: int = 1):
+        self.output, self.target, self.params, self.spec, self.dtype = output, target, params, spec, dtype
+        self.rng, self.mc_samples, self.top_k = rng, mc_samples, top_k
+        self.N = output.shape[output.sample_axis()]
+        self.sample = output.indices[output.sample_axis()]
+
+    @cached_property
+    def loss(self) -> Node:
+        return Node(Op.LOSS, (self.output, self.target), self.spec, ())
+
+    def _backprop(self, seed: Node, lead: tuple[Index, ...]) -> dict[str, Node]:
+        """Per-sample cotangents of every parameter; explicit zeros where the loss does not depend on one."""
+        cots = backpropagate(self.output, seed, lead, self.params)
+        for name, p in self.params.items():
+            if name not in cots:
+                layout = cot_indices(p, lead, self.sample)
+                cots[name] = B.const_tensor(torch.zeros([i.size for i in layout], dtype=self.dtype), layout)
+        return {name: cots[name] for name in self.params}
+
+    @cached_property
+    def per_sample_grads(self) -> dict[str, Node]:
+        seed = Node(Op.LOSS_GRAD, (self.output, self.target), self.spec, dual(self.output.indices))
+        return self._backprop(seed, ())
+
+    def _columns(self, op: Op, arg, src, C: int, name: str) -> dict[str, Node]:
+        c = Index(name, C, COLUMN, Variance.BATCH)
+        return self._backprop(Node(op, src, arg, (c,) + dual(self.output.indices)), (c,))
+
+    @cached_property
+    def sqrt_ggn(self) -> dict[str, Node]:
+        C = num_columns(self.spec, self.output.shape)
+        return self._columns(Op.LOSS_SQRT_HESSIAN, self.spec, (self.output, self.target), C, "c")
+
+    @cached_property
+    def sqrt_ggn_mc(self) -> dict[str, Node]:
+        return self._columns(Op.LOSS_SQRT_HESSIAN_MC, (self.spec, self.mc_samples),
+                             (self.output, self.target, self.rng), self.mc_samples, "m")
+
+    def column_cotangents(self, mc: bool, nodes: dict[str, Node]) -> dict[str, Node]:
+        """Cotangents of intermediate ``nodes`` in the exact (or Monte-Carlo) square-root backward
+        pass; the pass itself is shared with ``sqrt_ggn`` through hash-consing."""
+        if mc:
+            c = Index("m", self.mc_samples, COLUMN, Variance.BATCH)
+            seed = Node(Op.LOSS_SQRT_HESSIAN_MC, (self.output, self.target, self.rng), (self.spec, self.mc_samples),
+                        (c,) + dual(self.output.indices))
+        else:
+            c = Index("c", num_columns(self.spec, self.output.shape), COLUMN, Variance.BATCH)
+            seed = Node(Op.LOSS_SQRT_HESSIAN, (self.output, self.target), self.spec, (c,) + dual(self.output.indices))
+        cots = backpropagate(self.output, seed, (c,), self.params, also=nodes)
+        return {k: cots[k] for k in nodes if k in cots}
+
+    @cached_property
+    def linear_maps(self) -> dict[str, tuple[str, Node, Node | None]]:
+        """Parameters used once in a linear map ``z_{no} = W_{oi} x_{ni} (+ b_o)`` (``F.linear``, or
+        ``x @ W.T``): name -> ("weight", z, x) or ("bias", z + b, None). A bias factor uses the
+        cotangent of ``z + b`` itself: ``z`` may have other uses."""
+        order = topological_order([self.output])
+        uses: dict[int, int] = {}
+        for n in order:
+            for src in n.src:
+                uses[src.uid] = uses.get(src.uid, 0) + 1
+        names = {p.uid: k for k, p in self.params.items()}
+
+        def weight(w: Node, sw: str) -> tuple[Node, str] | None:
+            """The parameter behind operand w, with its letters in (out, in) order."""
+            if w.op is Op.PERMUTE and w.arg == (1, 0) and uses[w.uid] == 1:  # x @ W.T
+                w, sw = w.src[0], sw[::-1]
+            if w.uid in names and uses[w.uid] == 1 and w.ndim == 2:
+                return w, sw
+            return None
+
+        sites: dict[str, tuple[str, Node, Node | None]] = {}
+        linear: set[int] = set()
+        for z in order:
+            if z.op is Op.EINSUM and len(z.src) == 2 and z.ndim == 2 and z.sample_axis() == 0 and not z.arg.metric:
+                (sx, sw), (x, w) = z.arg.inputs, z.src
+                found = weight(w, sw)
+                if found and x.ndim == 2 and x.sample_axis() == 0:
+                    w, sw = found
+                    if sx[1] == sw[1] and z.arg.output == sx[0] + sw[0]:
+                        sites[names[w.uid]] = ("weight", z, x)
+                        linear.add(z.uid)
+            elif z.op is Op.ADD and z.src[0].uid in linear:
+                bias = z.src[1]
+                if bias.uid in names and uses[bias.uid] == 1 and bias.ndim == 1 and bias.shape == z.shape[1:]:
+                    sites[names[bias.uid]] = ("bias", z, None)
+        return sites
+
+    @cached_property
+    def vector(self) -> dict[str, Node]:
+        """The direction v of the products, one INPUT per parameter (a parameter-space vector: upper)."""
+        return {name: B.inp("vector", name, p.indices) for name, p in self.params.items()}
+
+
+def derive(forward: Program, quantities: Sequence[str], spec: LossSpec, dtype: torch.dtype,
+           param_shapes: dict[str, tuple[int, ...]], mc_samples: int = 1, top_k: int = 1) -> Program:
+    """The derivative program: forward program (indices inferred) -> one output per quantity and
+    parameter (``"grad/0.weight"``) or per quantity (``"loss"``). Quantities share nodes.
+
+    ``param_shapes`` lists every trainable parameter in model order; one the loss does not depend
+    on (absent from ``forward``) gets explicit zeros."""
+    out = forward.outputs["output"]
+    used = {n.arg[1]: n for n in forward.inputs("param")}
+    params = {name: used.get(name) or B.inp("param", name, tuple(
+        Index(f"{name}.{k}", d, f"{name}.{k}", Variance.UP) for k, d in enumerate(shape)))
+        for name, shape in param_shapes.items()}
+    target = B.inp("target", "y", (out.indices[0],) if spec.kind == "cross_entropy" else out.indices)
+    rng = B.inp("rng", "generator", ())
+    builder = DerivativeBuilder(out, target, params, spec, dtype, rng, mc_samples, top_k)
+    outputs: dict[str, Node] = {}
+    for qname in quantities:
+        q = get_quantity(qname)
+        res = q.build(builder)
+        if q.per_param:
+            outputs.update({f"{qname}/{k}": v for k, v in res.items()})
+        else:
+            outputs[qname] = res
+    return Program.of(outputs)
+
+
+def square_sum(t: Node, keep_lead: str, lead: int, metric: bool) -> Node:
+    """sum over the leading batch axes not in ``keep_lead`` of t*t; with ``metric`` also
+    contract the parameter axes (a squared norm, Euclidean metric)."""
+    L = B.letters(t.ndim)
+    a, rest = L[:lead], L[lead:]
+    out = "".join(ch for ch in a if ch in keep_lead) + ("" if metric else rest)
+    return B.einsum([L, L], out, [t, t], metric=rest if metric else "")

@@ -1,0 +1,106 @@
+"""Generalized Gauss-Newton quantities: diagonals, blocks, the full matrix, its square root,
+matrix-free products and the top of its spectrum."""
+from __future__ import annotations
+
+import math
+
+from ..errors import HogcError
+from ..ir import Index, Node, Op, Variance, build as B
+from .builder import DerivativeBuilder, square_sum
+from .registry import MAX_ELEMENTS, register_quantity
+
+
+@register_quantity("ggn_diag")
+def _ggn_diag(b):
+    """Diagonal of the generalized Gauss-Newton matrix J^T (d2L/df2) J (exact square root)."""
+    return {k: square_sum(v, "", 2, metric=False) for k, v in b.sqrt_ggn.items()}
+
+
+@register_quantity("batch_ggn_diag")
+def _batch_ggn_diag(b):
+    """Per-sample GGN diagonals (they sum to ggn_diag)."""
+    return {k: square_sum(v, B.letters(2)[1], 2, metric=False) for k, v in b.sqrt_ggn.items()}
+
+
+@register_quantity("ggn_diag_mc")
+def _ggn_diag_mc(b):
+    """Monte-Carlo GGN diagonal (Fisher with sampled targets), mc_samples columns."""
+    return {k: square_sum(v, "", 2, metric=False) for k, v in b.sqrt_ggn_mc.items()}
+
+
+# --- GGN blocks, full matrix, factor, products, spectrum ------------------------------------
+
+def _guard(what: str, elements: int, result: str) -> None:
+    if elements > MAX_ELEMENTS:
+        raise HogcError(f"{result} of {what} has {elements} entries (more than {MAX_ELEMENTS}); use ggn_diag, "
+                        f"kflr, ggnvp or ggn_eigen instead")
+
+
+def _flat_columns(b: DerivativeBuilder) -> Node:
+    """All parameters' square-root columns side by side: (C, N, D), parameters in model order."""
+    flats = []
+    for v in b.sqrt_ggn.values():
+        P = math.prod(v.shape[2:])
+        flats.append(B.reshape(v, v.shape[:2] + (P,)))
+    return B.cat(flats, 2)
+
+
+@register_quantity("sqrt_ggn")
+def _sqrt_ggn(b):
+    """V with GGN = V V^T: per parameter (C, N, *param), BackPACK's SqrtGGNExact layout."""
+    return dict(b.sqrt_ggn)
+
+
+@register_quantity("ggn_block")
+def _ggn_block(b):
+    """The exact (P x P) GGN block of each parameter (P = param.numel(), row-major)."""
+    out = {}
+    for k, v in b.sqrt_ggn.items():
+        _guard(k, math.prod(v.shape[2:]) ** 2, "its GGN block")
+        nd = v.ndim - 2
+        L = B.letters(2 + 2 * nd)
+        c, n, A, Bl = L[0], L[1], L[2:2 + nd], L[2 + nd:]
+        block = B.einsum([c + n + A, c + n + Bl], A + Bl, [v, v])
+        P = math.prod(v.shape[2:])
+        out[k] = B.reshape(block, (P, P))
+    return out
+
+
+@register_quantity("ggn", per_param=False)
+def _ggn(b):
+    """The full (D x D) GGN over all trainable parameters, flattened and concatenated in
+    ``named_parameters()`` order."""
+    V = _flat_columns(b)
+    _guard("the model", V.shape[2] ** 2, "the full GGN")
+    return B.einsum(["cna", "cnb"], "ab", [V, V])
+
+
+@register_quantity("ggnvp", takes_vector=True)
+def _ggnvp(b):
+    """GGN times the vector v (dict keyed like the parameters): sum_n J_n^T H_n J_n v, matrix-free."""
+    u = None  # u_{cn} = sum_theta V_theta . v_theta: the columns applied to v (a Jacobian-vector product)
+    for k, v in b.sqrt_ggn.items():
+        L = B.letters(v.ndim)
+        t = B.einsum([L, L[2:]], L[:2], [v, b.vector[k]])
+        u = t if u is None else B.add(u, t)
+    out = {}
+    for k, v in b.sqrt_ggn.items():
+        L = B.letters(v.ndim)
+        out[k] = B.einsum([L[:2], L], L[2:], [u, v])
+    return out
+
+
+@register_quantity("ggn_eigen", per_param=False)
+def _ggn_eigen(b):
+    """The ``top_k`` largest GGN eigenvalues, from the (CN x CN) Gram matrix V^T V (ViViT)."""
+    gram = None
+    for v in b.sqrt_ggn.values():  # one Gram term per parameter, so fusion can factor each one
+        L = B.letters(v.ndim + 2)
+        c, n, d, m, A = L[0], L[1], L[2], L[3], L[4:]
+        g = B.einsum([c + n + A, d + m + A], c + n + d + m, [v, v], metric=A)  # Euclidean inner product
+        gram = g if gram is None else B.add(gram, g)
+    C, N = gram.shape[:2]
+    gram = B.reshape(gram, (C * N, C * N))
+    D = sum(math.prod(v.shape[2:]) for v in b.sqrt_ggn.values())
+    k = min(b.top_k, C * N, D)  # the GGN has rank <= min(CN, D); the Gram matrix's other eigenvalues are 0
+    return Node(Op.EIGVALSH, (gram,), k, (Index("k", k, "eigen", Variance.BATCH),))

@@ -1,0 +1,136 @@
+"""Exact Hessian quantities by forward-over-reverse: products, blocks, diagonals, the full matrix."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from hogc.passes.push_forward import push_forward
+
+from ..errors import HogcError
+from ..ir import Index, Node, Variance, build as B
+from .builder import DerivativeBuilder
+from .registry import MAX_ELEMENTS, register_quantity
+
+
+#: Hessian blocks and diagonals here cost one Hessian-vector product per parameter entry (all
+#: batched as tangent directions); beyond this many entries per parameter hogc refuses.
+MAX_DIRECTIONS = 8192
+TANGENT = "tangent"
+
+
+def _directions(b: DerivativeBuilder, blocks: dict[str, tuple[int, int]], D: int) -> dict[str, Node]:
+    """Identity directions as tangents: parameter ``k`` gets rows ``[start, start + P)`` of eye(D)."""
+    s = Index("s", D, TANGENT, Variance.BATCH)
+    eye = torch.eye(D, dtype=b.dtype)
+    out = {}
+    for k, (start, P) in blocks.items():
+        p = b.params[k]
+        out[k] = B.const_tensor(eye[:, start:start + P].reshape((D,) + p.shape), (s,) + p.indices)
+    return out
+
+
+def _tangent_grads(b: DerivativeBuilder, tangents: dict[str, Node], per_sample: bool = False
+                   ) -> dict[str, Node | None]:
+    """Forward mode through the gradients: ``(s, *param)`` per parameter (``(s, n, *param)`` with
+    ``per_sample``), ``None`` where the gradient does not depend on the directions. Summing the
+    samples before pushing forward lets fusion avoid the (directions x samples x entries) tensor."""
+    grads = b.per_sample_grads if per_sample else {k: _sum_samples_first(p) for k, p in b.per_sample_grads.items()}
+    return push_forward(grads, {b.params[k].uid: t for k, t in tangents.items()})
+
+
+def _block_directions(b: DerivativeBuilder, name: str) -> tuple[int, Node]:
+    P = math.prod(b.params[name].shape)
+    if P > MAX_DIRECTIONS:
+        raise HogcError(f"parameter '{name}' has {P} entries; its exact Hessian block or diagonal costs one "
+                        f"Hessian-vector product per entry here (limit {MAX_DIRECTIONS}). Use hvp, or the "
+                        f"GGN quantities; Hessian backpropagation for large layers is planned")
+    return P, _directions(b, {name: (0, P)}, P)[name]
+
+
+def _zeros(b: DerivativeBuilder, shape, indices) -> Node:
+    return B.const_tensor(torch.zeros(shape, dtype=b.dtype), indices)
+
+
+@register_quantity("hvp", takes_vector=True)
+def _hvp(b):
+    """Hessian times the vector v (dict keyed like the parameters), forward-over-reverse."""
+    s = Index("s", 1, TANGENT, Variance.BATCH)
+    tangents = {k: B.reshape(v, (1,) + v.shape, (s,) + v.indices) for k, v in b.vector.items()}
+    out = {}
+    for k, t in _tangent_grads(b, tangents).items():
+        p = b.params[k]
+        out[k] = _zeros(b, p.shape, tuple(i.dual() for i in p.indices)) if t is None else \
+            B.reshape(t, p.shape, t.indices[1:])
+    return out
+
+
+def _block(b: DerivativeBuilder, name: str, per_sample: bool = False) -> Node:
+    """Hessian rows of one parameter's block, directions first: (P, P), or (P, n, P) per sample."""
+    P, direction = _block_directions(b, name)
+    if per_sample and P * b.N * P > MAX_ELEMENTS:
+        raise HogcError(f"batch_hessian_diag of '{name}' needs a ({P}, {b.N}, {P}) intermediate here, more than "
+                        f"{MAX_ELEMENTS} elements; use hessian_diag (the batch total) or a smaller batch")
+    t = _tangent_grads(b, {name: direction}, per_sample)[name]
+    shape = (P, b.N, P) if per_sample else (P, P)
+    if t is None:
+        s, flat = direction.indices[0], Index("p", P, TANGENT, Variance.LOW)
+        return _zeros(b, shape, (s, b.sample, flat) if per_sample else (s, flat))
+    return B.reshape(t, shape)
+
+
+def _diagonal(b: DerivativeBuilder, block: Node) -> Node:
+    """The diagonal of a (P, P) block, or of each sample's block in (P, n, P): a basis-dependent
+    extraction, written as a contraction with the identity."""
+    P = block.shape[0]
+    s, flat = block.indices[0], block.indices[-1]
+    eye = B.const_tensor(torch.eye(P, dtype=b.dtype), (s, flat.dual()))
+    if block.ndim == 2:
+        return B.einsum(["ab", "ab"], "a", [block, eye], out_indices=(flat,))
+    return B.einsum(["anb", "ab"], "na", [block, eye], out_indices=(block.indices[1], flat))
+
+
+@register_quantity("hessian_block")
+def _hessian_block(b):
+    """The exact (P x P) Hessian block of each parameter, row-major flattening."""
+    return {k: _block(b, k) for k in b.params}
+
+
+@register_quantity("batch_hessian_diag")
+def _batch_hessian_diag(b):
+    """Per-sample Hessian diagonals (each sample's loss share), shape (N, *param); they sum to
+    hessian_diag."""
+    return {k: B.reshape(_diagonal(b, _block(b, k, per_sample=True)), (b.N,) + b.params[k].shape)
+            for k in b.params}
+
+
+@register_quantity("hessian_diag")
+def _hessian_diag(b):
+    """The exact diagonal of the Hessian (residual terms included), shaped like each parameter."""
+    return {k: B.reshape(_diagonal(b, _block(b, k)), b.params[k].shape) for k in b.params}
+
+
+def _sum_samples_first(t: Node) -> Node:
+    L = B.letters(t.ndim)
+    return B.einsum([L], L[1:], [t])
+
+
+@register_quantity("hessian", per_param=False)
+def _hessian(b):
+    """The full (D x D) Hessian over all trainable parameters (``named_parameters()`` order)."""
+    blocks, start = {}, 0
+    for k, p in b.params.items():
+        blocks[k] = (start, math.prod(p.shape))
+        start += blocks[k][1]
+    D = start
+    if D > MAX_DIRECTIONS:
+        raise HogcError(f"the model has {D} parameters; the full Hessian costs one Hessian-vector product per "
+                        f"parameter here (limit {MAX_DIRECTIONS})")
+    tangents = _directions(b, blocks, D)
+    cols = []
+    for k, t in _tangent_grads(b, tangents).items():
+        P = blocks[k][1]
+        s = tangents[k].indices[0]
+        cols.append(_zeros(b, (D, P), (s, Index("p", P, TANGENT, Variance.LOW))) if t is None else
+                    B.reshape(t, (D, P)))
+    return B.cat(cols, 1)

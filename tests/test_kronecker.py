@@ -143,3 +143,31 @@ def test_bias_factor_is_the_exact_bias_block(make):
         close(out["kflr"][k][0], out["ggn_block"][k])
     if make is _HandWritten:
         assert set(out["kflr"]) >= {"W", "b"}
+
+
+@pytest.mark.parametrize("act", [nn.Sigmoid, nn.Tanh, nn.ReLU], ids=lambda a: a.__name__)
+def test_kfra_matches_backpack(act):
+    """BackPACK's KFRA (cross-entropy; its MSE sum-Hessian path fails on float64 in BackPACK 1.7)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), act(), nn.Linear(7, 6), act(), nn.Linear(6, 3)).double()
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    out = hogc.compile(model, "kfra")(x, y)
+    model, lf = extend(model), extend(nn.CrossEntropyLoss())
+    with bp_ctx(ext.KFRA()):
+        lf(model(x), y).backward()
+    for name, p in model.named_parameters():
+        assert len(out[name]) == len(p.kfra)
+        for got, want in zip(out[name], p.kfra):
+            close(got, want)
+
+
+@pytest.mark.parametrize("case", SEQUENTIAL, ids=lambda c: c.id)
+def test_kfra_is_kflr_at_batch_size_one(case):
+    """With one sample the batch averages are exact, so KFRA's recursion gives KFLR's factors."""
+    one = type(case)(case.id, case.make, case.loss, (1,) + case.x_shape[1:])
+    model, lf, x, y = one.data()
+    out = hogc.compile(model, ("kfra", "kflr"), loss=lf)(x, y)
+    assert set(out["kfra"]) == set(out["kflr"])
+    for name in out["kflr"]:
+        for got, want in zip(out["kfra"][name], out["kflr"][name]):
+            close(got, want)

@@ -65,7 +65,7 @@ def test_fusion_and_paths_never_change_a_number(case):
     from hogc.quantities import QUANTITIES
 
     model, lf, x, y = case.data()
-    qs = tuple(q for q in QUANTITIES if q not in ("ggn_diag_mc", "ggnvp", "hvp", "kflr", "kfac"))
+    qs = tuple(q for q in QUANTITIES if q not in ("ggn_diag_mc", "ggnvp", "hvp", "kflr", "kfac", "kfra"))
     fn = hogc.compile(model, qs, loss=lf)
     fn(x, y)
     spec = fn._last

@@ -1,8 +1,12 @@
-"""Kronecker factors of the GGN blocks of linear maps: KFLR (exact) and KFAC (Monte-Carlo)."""
+"""Kronecker factors of the GGN blocks of linear maps: KFLR (exact), KFAC (Monte-Carlo) and
+KFRA (batch-averaged recursion)."""
 from __future__ import annotations
 
+from hogc.passes import elementwise as E
+
+from ..capture.losses import num_columns
 from ..errors import UnsupportedOpError
-from ..ir import Node, build as B
+from ..ir import COLUMN, Index, Node, Op, Variance, build as B, dual
 from .builder import DerivativeBuilder
 from .registry import register_quantity
 
@@ -41,3 +45,56 @@ def _kfac(b):
     """Kronecker factors from the Monte-Carlo square root (KFAC, ``mc_samples`` columns, seeded like
     ggn_diag_mc); same layout as kflr."""
     return _kronecker(b, mc=True)
+
+
+def _kfra_output_factors(b: DerivativeBuilder) -> dict[int, Node]:
+    """KFRA's batch-averaged recursion from the output down a chain of linear maps and elementwise
+    activations: M at the output is sum_n (loss Hessian)_n; a linear map gives W^T M W; an
+    elementwise activation gives M * mean_n sigma'_n sigma'_n^T. Returns M by linear-map output uid."""
+    sites = {z.uid: (kind, z) for kind, z, _ in b.linear_maps.values() if kind == "weight"}
+    c = Index("c", num_columns(b.spec, b.output.shape), COLUMN, Variance.BATCH)
+    seed = Node(Op.LOSS_SQRT_HESSIAN, (b.output, b.target), b.spec, (c,) + dual(b.output.indices))
+    if b.output.ndim != 2:
+        raise UnsupportedOpError("kfra needs a model output of shape (N, C)")
+    M = B.einsum(["cno", "cnp"], "op", [seed, seed], out_indices=(seed.indices[2], seed.indices[2]))
+    node, out = b.output, {}
+    while True:
+        if node.op is Op.ADD and node.src[0].uid in sites and node.src[1].op is Op.INPUT:
+            node = node.src[0]  # a bias: the same matrix
+        elif node.uid in sites:
+            out[node.uid] = M
+            x, w = node.src
+            if w.op is Op.PERMUTE:
+                w = w.src[0]
+            M = B.einsum(["op", "oi", "pj"], "ij", [M, w, w], out_indices=(x.indices[1].dual(),) * 2)
+            node = x
+        elif node.op is Op.ELEMENTWISE and node.arg[1] == 0 and node.ndim == 2:
+            fname, _, params = node.arg
+            u = node.src[0]
+            d = B.elementwise(fname, 1, params, u, node if E.uses_output(fname, 1) else None)
+            avg = B.scale(B.einsum(["ni", "nj"], "ij", [d, d], out_indices=(u.indices[1],) * 2), 1.0 / b.N)
+            M = B.mul(M, avg)
+            node = u
+        else:
+            return out
+
+
+@register_quantity("kfra")
+def _kfra(b):
+    """Kronecker factors by KFRA's batch-averaged recursion (a chain of linear maps and
+    elementwise activations, as BackPACK's KFRA): (B, A) per weight, (B,) per bias, same layout as
+    kflr. Parameters off that chain are left out."""
+    M = _kfra_output_factors(b)
+    out = {}
+    for name, (kind, z, x) in b.linear_maps.items():
+        zz = z if kind == "weight" else z.src[0]
+        if zz.uid not in M:
+            continue
+        out[f"{name}/0"] = M[zz.uid]
+        if kind == "weight":
+            i = x.indices[1]
+            out[f"{name}/1"] = B.scale(B.einsum(["ni", "nj"], "ij", [x, x], out_indices=(i, i)), 1.0 / b.N)
+    if not out:
+        raise UnsupportedOpError("kfra found no linear map on a chain of linear maps and elementwise activations "
+                                 "from the output")
+    return out

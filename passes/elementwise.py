@@ -213,6 +213,7 @@ register_elementwise("sqrt", sp.sqrt(x), torch.sqrt, inverse=y**2, y_positive=Tr
 register_elementwise("rsqrt", 1 / sp.sqrt(x), torch.rsqrt, domain="positive")
 register_elementwise("reciprocal", 1 / x, torch.reciprocal, inverse=1 / y, domain="positive")
 register_elementwise("abs", sp.Abs(x), torch.abs)
+register_elementwise("sign", sp.sign(x), torch.sign)
 register_elementwise("pow", x**p, torch.pow, params=("p",), example_params=(2.5,), domain="positive",
                      y_forms=False)  # p*y/x would divide by zero at x = 0
 register_elementwise("sin", sp.sin(x), torch.sin)

@@ -49,9 +49,31 @@ def test_hessian_is_symmetric():
 
 def test_large_blocks_are_refused_with_advice():
     model = nn.Sequential(nn.Linear(200, 50))  # a 10 000-entry weight
-    fn = hogc.compile(model, "hessian_diag")
+    fn = hogc.compile(model, "hessian_block")
     with pytest.raises(hogc.HogcError, match=r"'0.weight' has 10000 entries.*Use hvp, or the GGN quantities"):
         fn(torch.randn(3, 200), torch.randint(0, 50, (3,)))
+
+
+class _SharedDeep(nn.Module):
+    """One large weight feeds two factors of a product: Hessian backpropagation does not apply."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(100, 100)
+
+    def forward(self, x):
+        return self.lin(torch.tanh(self.lin(x)))
+
+
+def test_hessian_diag_uses_backpropagation_where_it_applies():
+    """A deep sigmoid MLP with 100k-entry layers gets its exact diagonal (Hessian backpropagation);
+    a weight shared across depth falls back to forward-over-reverse and is refused when large."""
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(400, 250), nn.Sigmoid(), nn.Linear(250, 10))
+    out = hogc.compile(mlp, ("hessian_diag", "ggn_diag"))(torch.randn(4, 400), torch.randint(0, 10, (4,)))
+    assert out["hessian_diag"]["0.weight"].shape == (250, 400)
+    with pytest.raises(hogc.HogcError, match="'lin.weight' has 10000 entries"):
+        hogc.compile(_SharedDeep(), "hessian_diag")(torch.randn(3, 100), torch.randint(0, 100, (3,)))
 
 
 def test_float32_hessian_quantities_keep_the_dtype():

@@ -15,7 +15,7 @@ from .node import Constant, Einsum, Node
 from .ops import Op
 
 __all__ = [
-    "letters", "fresh_letters", "inp", "const", "const_tensor", "elementwise", "binary", "add", "sub", "mul",
+    "letters", "fresh_letters", "delta", "inp", "const", "const_tensor", "elementwise", "binary", "add", "sub", "mul",
     "div", "einsum", "sum_dims", "reshape", "permute", "expand", "slice_", "pad", "index",
     "index_add", "cat", "unsqueeze", "broadcast_indices", "scale", "reshape_groups",
 ]
@@ -98,11 +98,60 @@ def div(a: Node, b: Node, where=None) -> Node:
     return binary(Op.DIV, a, b, where=where)
 
 
+def delta(a: Index, b: Index, dtype) -> Node:
+    """The Kronecker delta between two indices of one size (an identity matrix einsums eliminate)."""
+    import torch
+
+    return Node(Op.CONST, (), Constant(torch.eye(a.size, dtype=dtype), delta=True), (a, b))
+
+
+def _is_delta(x: Node) -> bool:
+    return x.op is Op.CONST and isinstance(x.arg, Constant) and x.arg.delta
+
+
+def _eliminate_deltas(inputs: list[str], output: str, operands: list[Node], metric: set[str]):
+    """delta_{ab} in a contraction: rename the summed letter to the other and drop the delta; a
+    delta on one letter (delta_{aa}) is all ones on its diagonal and is dropped too. The merged
+    letter identifies two bases, so it is recorded as a metric letter."""
+    changed = True
+    while changed:
+        changed = False
+        for k, (s, x) in enumerate(zip(inputs, operands)):
+            if not _is_delta(x) or len(operands) == 1:
+                continue
+            a, b = s
+            if a == b:
+                if any(a in t for j, t in enumerate(inputs) if j != k) or a in output:
+                    del inputs[k], operands[k]
+                    changed = True
+                    break
+                continue
+            drop, keep = (b, a) if b not in output else ((a, b) if a not in output else (None, None))
+            if drop is None:
+                continue
+            del inputs[k], operands[k]
+            inputs[:] = [t.replace(drop, keep) for t in inputs]
+            metric.discard(drop)
+            metric.add(keep)
+            changed = True
+            break
+
+
 def einsum(inputs: Sequence[str], output: str, operands: Sequence[Node], metric=(),
            out_indices: Sequence[Index] | None = None, where=None) -> Node:
-    inputs = tuple(inputs)
+    inputs = list(inputs)
     if len(inputs) != len(operands):
         raise ValueError("einsum: one letter string per operand")
+    if any(_is_delta(x) for x in operands):
+        operands, metric = list(operands), set(metric)
+        if out_indices is None:
+            found0: dict[str, Index] = {}
+            for s, x in zip(inputs, operands):
+                for ch, ix in zip(s, x.indices):
+                    found0.setdefault(ch, ix)
+            out_indices = tuple(found0[ch] for ch in output)
+        _eliminate_deltas(inputs, output, operands, metric)
+    inputs = tuple(inputs)
     if out_indices is None:
         found: dict[str, Index] = {}
         for s, x in zip(inputs, operands):

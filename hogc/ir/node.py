@@ -45,15 +45,19 @@ class Einsum:
 
 
 class Constant:
-    """A captured constant tensor (hashed by identity)."""
+    """A captured constant tensor (hashed by identity). ``delta`` marks a square identity matrix
+    (a Kronecker delta): einsums eliminate it by merging its two letters."""
 
-    __slots__ = ("tensor", "__weakref__")
+    __slots__ = ("tensor", "delta", "__weakref__")
 
-    def __init__(self, tensor):
+    def __init__(self, tensor, delta: bool = False):
         self.tensor = tensor
+        self.delta = delta
 
     def __repr__(self) -> str:
         t = self.tensor
+        if self.delta:
+            return f"delta{tuple(t.shape)}"
         if t.numel() <= 6:
             return f"const{tuple(t.shape)}{t.tolist()}"
         return f"const{tuple(t.shape)}"

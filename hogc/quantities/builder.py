@@ -49,6 +49,12 @@ class DerivativeBuilder:
                 cots[name] = B.const_tensor(torch.zeros([i.size for i in layout], dtype=self.dtype), layout)
         return {name: cots[name] for name in self.params}
 
+    def grad_cotangents(self, nodes: dict[str, Node]) -> dict[str, Node]:
+        """Per-sample gradient cotangents of intermediate ``nodes`` (shared with per_sample_grads)."""
+        seed = Node(Op.LOSS_GRAD, (self.output, self.target), self.spec, dual(self.output.indices))
+        cots = backpropagate(self.output, seed, (), self.params, also=nodes)
+        return {k: cots[k] for k in nodes if k in cots}
+
     @cached_property
     def per_sample_grads(self) -> dict[str, Node]:
         seed = Node(Op.LOSS_GRAD, (self.output, self.target), self.spec, dual(self.output.indices))

@@ -5,11 +5,14 @@ import math
 
 import torch
 
+from hogc.passes import elementwise as E
+from hogc.passes.backpropagate import backpropagate
 from hogc.passes.push_forward import push_forward
 
 from ..errors import HogcError
-from ..ir import Index, Node, Variance, build as B
+from ..ir import Index, Node, Op, Variance, build as B, dual, topological_order
 from .builder import DerivativeBuilder
+from .ggn import _batch_ggn_diag, _ggn_diag
 from .registry import MAX_ELEMENTS, register_quantity
 
 
@@ -96,17 +99,87 @@ def _hessian_block(b):
     return {k: _block(b, k) for k in b.params}
 
 
+def _residual_sites(b: DerivativeBuilder) -> list[Node] | None:
+    """Hessian backpropagation applies when every second-order effect below the loss is an
+    elementwise function of a (samples x features) value: returns those nodes y = f(u) with
+    f'' != 0. ``None`` if the model multiplies two parameter-dependent values (a bilinear residual)
+    or has curved elementwise functions of other shapes."""
+    order = topological_order([b.output])
+    influences: dict[int, frozenset[int]] = {}  # node -> the parameters it depends on
+    for node in order:
+        if node.op is Op.INPUT and node.arg[0] == "param":
+            influences[node.uid] = frozenset({node.uid})
+        else:
+            influences[node.uid] = frozenset().union(*(influences[s.uid] for s in node.src)) if node.src \
+                else frozenset()
+    sites = []
+    for node in order:
+        if not influences[node.uid]:
+            continue
+        if node.op is Op.ELEMENTWISE:
+            if E.is_zero(node.arg[0], 2):
+                continue
+            if node.ndim != 2 or node.sample_axis() != 0:
+                return None
+            sites.append(node)
+        elif node.op in (Op.MUL, Op.EINSUM, Op.DIV):
+            # a product's cross term reaches the diagonal only where one parameter feeds two factors
+            seen: set[int] = set()
+            for s in node.src:
+                if influences[s.uid] & seen:
+                    return None
+                seen |= influences[s.uid]
+            if node.op is Op.DIV and influences[node.src[1].uid]:
+                return None  # 1/b is curved
+    return sites
+
+
+def _hbp_diagonals(b: DerivativeBuilder, per_sample: bool) -> dict[str, Node]:
+    """Exact Hessian diagonals by Hessian backpropagation: the GGN diagonal plus, for every curved
+    elementwise y = f(u), the residual sum_j r_j (du_j/dtheta)^2 with r = (dL/dy) f''(u). Each
+    residual is backpropagated from u as |r|^(1/2) on a Kronecker delta (one column per feature of
+    u), and summed with the sign of r; fusion eliminates the delta, so a layer right below a residual
+    costs a product of squares, not a column per feature."""
+    out = dict(_batch_ggn_diag(b) if per_sample else _ggn_diag(b))
+    sites = _residual_sites(b)
+    cots = b.grad_cotangents({f"y{k}": y for k, y in enumerate(sites)})
+    for k, y in enumerate(sites):
+        if f"y{k}" not in cots:
+            continue
+        fname, _, params = y.arg
+        u = y.src[0]
+        d2 = B.elementwise(fname, 2, params, u, y if E.uses_output(fname, 2) else None)
+        r = B.mul(cots[f"y{k}"], d2)  # (n, U), lower: the residual's diagonal
+        q = B.elementwise("sqrt", 0, (), B.elementwise("abs", 0, (), r))
+        sign = B.elementwise("sign", 0, (), r)
+        feat = r.indices[1]
+        j = Index("j", feat.size, feat.space, Variance.BATCH)
+        seed = B.einsum(["ju", "nu"], "jnu", [B.delta(j, feat, b.dtype), q], out_indices=(j,) + dual(u.indices))
+        cols = backpropagate(u, seed, (j,), b.params)
+        for name, v in cols.items():
+            L = B.letters(v.ndim)
+            keep = L[1:] if per_sample else L[2:]
+            term = B.einsum([L, L, L[1] + L[0]], keep, [v, v, sign], metric=L[0])
+            out[name] = B.add(out[name], term)
+    return out
+
+
 @register_quantity("batch_hessian_diag")
 def _batch_hessian_diag(b):
     """Per-sample Hessian diagonals (each sample's loss share), shape (N, *param); they sum to
-    hessian_diag."""
+    hessian_diag. Hessian backpropagation where it applies, forward-over-reverse otherwise."""
+    if _residual_sites(b) is not None:
+        return _hbp_diagonals(b, per_sample=True)
     return {k: B.reshape(_diagonal(b, _block(b, k, per_sample=True)), (b.N,) + b.params[k].shape)
             for k in b.params}
 
 
 @register_quantity("hessian_diag")
 def _hessian_diag(b):
-    """The exact diagonal of the Hessian (residual terms included), shaped like each parameter."""
+    """The exact diagonal of the Hessian (residual terms included), shaped like each parameter.
+    Hessian backpropagation where it applies, forward-over-reverse otherwise."""
+    if _residual_sites(b) is not None:
+        return _hbp_diagonals(b, per_sample=False)
     return {k: B.reshape(_diagonal(b, _block(b, k)), b.params[k].shape) for k in b.params}
 
 

@@ -1,7 +1,7 @@
 """Curvature quantities: hogc vs BackPACK vs torch.func, ratios to the plain gradient in one run.
 
-Part A (MNIST MLP 784-512-256-10, sigmoid hidden layers, batch 128): Kronecker factors and GGN
-quantities against BackPACK. Part B (small MLP 16-32-32-4, sigmoid, batch 32): full Hessian and
+Part A (MNIST MLP 784-512-256-10, sigmoid hidden layers, batch 128): Kronecker factors, GGN and
+Hessian diagonals against BackPACK. Part B (small MLP 16-32-32-4, sigmoid, batch 32): full Hessian and
 GGN against the torch.func recipes, Hessian diagonal against BackPACK's DiagHessian. Median wall
 time over interleaved rounds, float32, CPU.
 
@@ -105,7 +105,8 @@ def main():
     big = mlp([784, 512, 256, 10])
     x, y = torch.randn(128, 784), torch.randint(0, 10, (128,))
     runners = {"grad": plain_runner(big, x, y)}
-    pairs = [("kflr", "KFLR"), ("kfac", "KFAC"), ("ggn_diag", "DiagGGNExact"), ("sqrt_ggn", "SqrtGGNExact")]
+    pairs = [("kflr", "KFLR"), ("kfac", "KFAC"), ("kfra", "KFRA"), ("ggn_diag", "DiagGGNExact"),
+             ("hessian_diag", "DiagHessian"), ("sqrt_ggn", "SqrtGGNExact")]
     for q, e in pairs:
         fn = hogc.compile(big, q, seed=0)
         runners[(q, "hogc")] = lambda fn=fn: fn(x, y)

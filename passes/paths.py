@@ -5,6 +5,7 @@ path becomes a chain of pairwise EINSUM nodes, so nothing is searched at run tim
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import opt_einsum as oe
@@ -66,7 +67,9 @@ def _split(node: Node, strategy: str) -> Node:
             out_idx = node.indices
         else:
             keep = set(eq.output) | set("".join(rest))
-            out = "".join(dict.fromkeys(c for c in sa + sb if c in keep))
+            # the larger operand's layout first: elementwise products then stream through memory
+            first, second = (sa, sb) if math.prod(a.shape) >= math.prod(b.shape) else (sb, sa)
+            out = "".join(dict.fromkeys(c for c in first + second if c in keep))
             out_idx = None
         r = B.einsum([sa, sb], out, [a, b], metric=eq.metric, out_indices=out_idx)
         ops = [o for k, o in enumerate(ops) if k not in (i, j)] + [r]

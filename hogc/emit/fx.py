@@ -68,7 +68,8 @@ def _mul_sum(g, node, args):
     """Emit a pairwise einsum as broadcast multiply and sum (Hadamard products, squares)."""
     eq = node.arg
     (sa, sb), out = eq.inputs, eq.output
-    order = list(dict.fromkeys(sa + sb))
+    big, small = (sa, sb) if math.prod(node.src[0].shape) >= math.prod(node.src[1].shape) else (sb, sa)
+    order = list(dict.fromkeys(big + small))  # the larger operand keeps its layout
     sizes = _size(node)
 
     def align(v, s):

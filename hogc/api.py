@@ -15,6 +15,7 @@ from .capture import capture
 from .capture.losses import check_class_range, check_target, loss_spec
 from .emit.fx import emit
 from .errors import HogcError, InputDtypeError, SampleMixingError
+from .explain import Explanation, explain
 from .ir import Program, format_program
 from .quantities import derive, get_quantity
 
@@ -28,6 +29,7 @@ class _Specialization:
     gm: torch.fx.GraphModule
     inputs: list[tuple[str, str]]
     num_classes: int | None  # cross-entropy: targets are checked against it on every call
+    notes: dict[str, str]  # the strategy each quantity chose and why
 
 
 class CompiledFunction:
@@ -72,7 +74,8 @@ class CompiledFunction:
             raise SampleMixingError(f"the model output (shape {out.shape}) must keep the samples of x on its first "
                                     f"axis; the sample axis {where}")
         shapes = {k: tuple(p.shape) for k, p in self.model.named_parameters() if p.requires_grad}
-        unopt = derive(forward, self.quantities, self.spec, x.dtype, shapes, self.mc_samples, self.top_k)
+        notes: dict[str, str] = {}
+        unopt = derive(forward, self.quantities, self.spec, x.dtype, shapes, self.mc_samples, self.top_k, notes)
         program = run_pipeline(unopt, optimization_pipeline(self.optimize), self.verify)
         used = {n.arg for n in program.inputs()}
         order = [("param", k) for k, p in self.model.named_parameters() if p.requires_grad] + \
@@ -83,7 +86,8 @@ class CompiledFunction:
         inputs = [i for i in order if i in used or i[0] in ("data", "target")]
         gm = emit(program, inputs).to(x.device)  # captured constants follow the inputs
         classes = out.shape[1] if self.spec.kind == "cross_entropy" else None
-        return _Specialization(program, unopt, gm, inputs, classes)
+        return _Specialization(program, unopt, gm, inputs, classes,
+                               {k: v for k, v in notes.items() if k in self.quantities})
 
     def specialize(self, x: torch.Tensor, y: torch.Tensor, named=None) -> _Specialization:
         """Compile (or fetch from the cache) the program for these input shapes and dtypes."""
@@ -187,13 +191,19 @@ class CompiledFunction:
     def _require(self) -> _Specialization:
         if self._last is None:
             raise HogcError("this function has not been specialized yet: call it once, or call "
-                            "fn.specialize(x, y), before reading .ir or .code")
+                            "fn.specialize(x, y), before reading .ir, .code or .explain()")
         return self._last
 
     @property
     def ir(self) -> str:
         """The derivative program (as emitted), one node a line, indices with their variance."""
         return format_program(self._require().program)
+
+    def explain(self) -> Explanation:
+        """The strategy each quantity chose and why, and every contraction of the emitted program
+        with its FLOPs and result size (prints as a table)."""
+        spec = self._require()
+        return explain(spec.program, spec.notes)
 
     @property
     def code(self) -> str:

@@ -103,3 +103,23 @@ def test_ggn_eigen_returns_at_most_the_rank_bound():
     out = hogc.compile(model, ("ggn_eigen", "ggn"), loss=nn.MSELoss(), top_k=20)(x, y)
     assert out["ggn_eigen"].shape == (8,)
     close(out["ggn_eigen"], torch.linalg.eigvalsh(out["ggn"]).flip(0))
+
+
+def test_explain_says_which_strategy_and_why():
+    mlp = nn.Sequential(nn.Linear(8, 6), nn.Sigmoid(), nn.Linear(6, 3))
+    fn = hogc.compile(mlp, ("hessian_diag", "batch_l2"))
+    fn(torch.randn(4, 8), torch.randint(0, 3, (4,)))
+    ex = fn.explain()
+    assert ex.strategies["hessian_diag"].startswith("Hessian backpropagation")
+    assert "1 curved-activation residuals (columns per sample: 6)" in ex.strategies["hessian_diag"]
+    assert ex.contractions and ex.total_flops == sum(c.flops for c in ex.contractions)
+    assert "strategies:" in str(ex) and "FLOPs" in str(ex)
+    fn = hogc.compile(_SharedDeep(), "hessian_diag")
+    with pytest.raises(hogc.HogcError):
+        fn.explain()  # nothing compiled yet
+    small = type(_SharedDeep())()
+    small.lin = nn.Linear(5, 5)
+    fs = hogc.compile(small, "hessian_diag")
+    fs(torch.randn(3, 5), torch.randint(0, 5, (3,)))
+    assert "forward-over-reverse" in fs.explain().strategies["hessian_diag"]
+    assert "two factors of one product" in fs.explain().strategies["hessian_diag"]

@@ -35,6 +35,7 @@ class DerivativeBuilder:
         self.rng, self.mc_samples, self.top_k = rng, mc_samples, top_k
         self.N = output.shape[output.sample_axis()]
         self.sample = output.indices[output.sample_axis()]
+        self.notes: dict[str, str] = {}  # quantity -> the strategy chosen and why (fn.explain())
 
     @cached_property
     def loss(self) -> Node:
@@ -131,12 +132,14 @@ class DerivativeBuilder:
 
 
 def derive(forward: Program, quantities: Sequence[str], spec: LossSpec, dtype: torch.dtype,
-           param_shapes: dict[str, tuple[int, ...]], mc_samples: int = 1, top_k: int = 1) -> Program:
+           param_shapes: dict[str, tuple[int, ...]], mc_samples: int = 1, top_k: int = 1,
+           notes: dict[str, str] | None = None) -> Program:
     """The derivative program: forward program (indices inferred) -> one output per quantity and
     parameter (``"grad/0.weight"``) or per quantity (``"loss"``). Quantities share nodes.
 
     ``param_shapes`` lists every trainable parameter in model order; one the loss does not depend
-    on (absent from ``forward``) gets explicit zeros."""
+    on (absent from ``forward``) gets explicit zeros. ``notes``, if given, receives the strategy
+    each quantity chose and why."""
     out = forward.outputs["output"]
     used = {n.arg[1]: n for n in forward.inputs("param")}
     params = {name: used.get(name) or B.inp("param", name, tuple(
@@ -153,6 +156,8 @@ def derive(forward: Program, quantities: Sequence[str], spec: LossSpec, dtype: t
             outputs.update({f"{qname}/{k}": v for k, v in res.items()})
         else:
             outputs[qname] = res
+    if notes is not None:
+        notes.update(builder.notes)
     return Program.of(outputs)
 
 

@@ -113,6 +113,7 @@ def _residual_sites(b: DerivativeBuilder) -> list[Node] | None:
             influences[node.uid] = frozenset().union(*(influences[s.uid] for s in node.src)) if node.src \
                 else frozenset()
     sites = []
+    b.notes.pop("why_not_hbp", None)
     for node in order:
         if not influences[node.uid]:
             continue
@@ -120,6 +121,7 @@ def _residual_sites(b: DerivativeBuilder) -> list[Node] | None:
             if E.is_zero(node.arg[0], 2):
                 continue
             if node.ndim != 2 or node.sample_axis() != 0:
+                b.notes["why_not_hbp"] = f"{node.arg[0]} acts on a value of shape {node.shape}, not (samples, features)"
                 return None
             sites.append(node)
         elif node.op in (Op.MUL, Op.EINSUM, Op.DIV):
@@ -127,9 +129,12 @@ def _residual_sites(b: DerivativeBuilder) -> list[Node] | None:
             seen: set[int] = set()
             for s in node.src:
                 if influences[s.uid] & seen:
+                    b.notes["why_not_hbp"] = (f"a parameter feeds two factors of one product "
+                                              f"({node.op.name.lower()} in {node.where or 'the model'})")
                     return None
                 seen |= influences[s.uid]
             if node.op is Op.DIV and influences[node.src[1].uid]:
+                b.notes["why_not_hbp"] = f"a division by a parameter-dependent value ({node.where})"
                 return None  # 1/b is curved
     return sites
 
@@ -164,11 +169,29 @@ def _hbp_diagonals(b: DerivativeBuilder, per_sample: bool) -> dict[str, Node]:
     return out
 
 
+def _note_diagonal_strategy(b: DerivativeBuilder, qname: str) -> bool:
+    sites = _residual_sites(b)
+    if sites is not None:
+        cols = " + ".join(str(y.shape[1]) for y in sites) or "none"
+        b.notes[qname] = (f"Hessian backpropagation: GGN diagonal ({num_cols(b)} square-root columns) plus "
+                          f"{len(sites)} curved-activation residuals (columns per sample: {cols}), Kronecker-delta "
+                          f"seeds eliminated by fusion")
+        return True
+    b.notes[qname] = (f"forward-over-reverse, one tangent direction per parameter entry, because "
+                      f"{b.notes.get('why_not_hbp', 'Hessian backpropagation does not apply')}")
+    return False
+
+
+def num_cols(b: DerivativeBuilder) -> int:
+    v = next(iter(b.sqrt_ggn.values()))
+    return v.shape[0]
+
+
 @register_quantity("batch_hessian_diag")
 def _batch_hessian_diag(b):
     """Per-sample Hessian diagonals (each sample's loss share), shape (N, *param); they sum to
     hessian_diag. Hessian backpropagation where it applies, forward-over-reverse otherwise."""
-    if _residual_sites(b) is not None:
+    if _note_diagonal_strategy(b, "batch_hessian_diag"):
         return _hbp_diagonals(b, per_sample=True)
     return {k: B.reshape(_diagonal(b, _block(b, k, per_sample=True)), (b.N,) + b.params[k].shape)
             for k in b.params}
@@ -178,7 +201,7 @@ def _batch_hessian_diag(b):
 def _hessian_diag(b):
     """The exact diagonal of the Hessian (residual terms included), shaped like each parameter.
     Hessian backpropagation where it applies, forward-over-reverse otherwise."""
-    if _residual_sites(b) is not None:
+    if _note_diagonal_strategy(b, "hessian_diag"):
         return _hbp_diagonals(b, per_sample=False)
     return {k: B.reshape(_diagonal(b, _block(b, k)), b.params[k].shape) for k in b.params}
 

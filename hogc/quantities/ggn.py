@@ -10,16 +10,21 @@ from .builder import DerivativeBuilder, square_sum
 from .registry import MAX_ELEMENTS, register_quantity
 
 
+def ggn_diagonals(b: DerivativeBuilder, per_sample: bool) -> dict[str, Node]:
+    """GGN diagonals per parameter, summed over samples or per sample (shared with hessian_diag)."""
+    return {k: square_sum(v, B.letters(2)[1] if per_sample else "", 2, metric=False) for k, v in b.sqrt_ggn.items()}
+
+
 @register_quantity("ggn_diag")
 def _ggn_diag(b):
     """Diagonal of the generalized Gauss-Newton matrix J^T (d2L/df2) J (exact square root)."""
-    return {k: square_sum(v, "", 2, metric=False) for k, v in b.sqrt_ggn.items()}
+    return ggn_diagonals(b, per_sample=False)
 
 
 @register_quantity("batch_ggn_diag")
 def _batch_ggn_diag(b):
     """Per-sample GGN diagonals (they sum to ggn_diag)."""
-    return {k: square_sum(v, B.letters(2)[1], 2, metric=False) for k, v in b.sqrt_ggn.items()}
+    return ggn_diagonals(b, per_sample=True)
 
 
 @register_quantity("ggn_diag_mc")

@@ -1,4 +1,9 @@
-"""Exact Hessian quantities by forward-over-reverse: products, blocks, diagonals, the full matrix."""
+"""Exact Hessian quantities: products, blocks, diagonals, the full matrix.
+
+Diagonals use Hessian backpropagation (GGN diagonal plus signed square-root columns of each
+curved activation's residual) when no parameter feeds two factors of a product; everything
+else is forward-over-reverse, with all directions batched as one tangent index.
+"""
 from __future__ import annotations
 
 import math
@@ -12,7 +17,7 @@ from hogc.passes.push_forward import push_forward
 from ..errors import HogcError
 from ..ir import Index, Node, Op, Variance, build as B, dual, topological_order
 from .builder import DerivativeBuilder
-from .ggn import _batch_ggn_diag, _ggn_diag
+from .ggn import ggn_diagonals
 from .registry import MAX_ELEMENTS, register_quantity
 
 
@@ -47,7 +52,7 @@ def _block_directions(b: DerivativeBuilder, name: str) -> tuple[int, Node]:
     if P > MAX_DIRECTIONS:
         raise HogcError(f"parameter '{name}' has {P} entries; its exact Hessian block or diagonal costs one "
                         f"Hessian-vector product per entry here (limit {MAX_DIRECTIONS}). Use hvp, or the "
-                        f"GGN quantities; Hessian backpropagation for large layers is planned")
+                        f"GGN quantities (hessian_diag uses Hessian backpropagation where the model allows)")
     return P, _directions(b, {name: (0, P)}, P)[name]
 
 
@@ -145,7 +150,7 @@ def _hbp_diagonals(b: DerivativeBuilder, per_sample: bool) -> dict[str, Node]:
     residual is backpropagated from u as |r|^(1/2) on a Kronecker delta (one column per feature of
     u), and summed with the sign of r; fusion eliminates the delta, so a layer right below a residual
     costs a product of squares, not a column per feature."""
-    out = dict(_batch_ggn_diag(b) if per_sample else _ggn_diag(b))
+    out = ggn_diagonals(b, per_sample)
     sites = _residual_sites(b)
     cots = b.grad_cotangents({f"y{k}": y for k, y in enumerate(sites)})
     for k, y in enumerate(sites):

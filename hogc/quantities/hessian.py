@@ -227,11 +227,16 @@ def _hessian(b):
     if D > MAX_DIRECTIONS:
         raise HogcError(f"the model has {D} parameters; the full Hessian costs one Hessian-vector product per "
                         f"parameter here (limit {MAX_DIRECTIONS})")
-    tangents = _directions(b, blocks, D)
-    cols = []
-    for k, t in _tangent_grads(b, tangents).items():
-        P = blocks[k][1]
-        s = tangents[k].indices[0]
-        cols.append(_zeros(b, (D, P), (s, Index("p", P, TANGENT, Variance.LOW))) if t is None else
-                    B.reshape(t, (D, P)))
-    return B.cat(cols, 1)
+    # one push per parameter with its own identity directions: values that parameter does not
+    # influence keep structural-zero tangents instead of dense rows of zeros
+    rows = []
+    for name, (_, P) in blocks.items():
+        direction = _directions(b, {name: (0, P)}, P)[name]
+        s = direction.indices[0]
+        cols = []
+        for k, t in _tangent_grads(b, {name: direction}).items():
+            Pk = blocks[k][1]
+            cols.append(_zeros(b, (P, Pk), (s, Index("p", Pk, TANGENT, Variance.LOW))) if t is None else
+                        B.reshape(t, (P, Pk)))
+        rows.append(B.cat(cols, 1))
+    return B.cat(rows, 0)

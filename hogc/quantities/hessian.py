@@ -228,15 +228,30 @@ def _hessian(b):
         raise HogcError(f"the model has {D} parameters; the full Hessian costs one Hessian-vector product per "
                         f"parameter here (limit {MAX_DIRECTIONS})")
     # one push per parameter with its own identity directions: values that parameter does not
-    # influence keep structural-zero tangents instead of dense rows of zeros
-    rows = []
-    for name, (_, P) in blocks.items():
+    # influence keep structural-zero tangents instead of dense rows of zeros. The Hessian is
+    # symmetric, so the push for parameter k asks only for the gradients of k and later
+    # parameters (lower layers' backward tangents are skipped); earlier blocks are transposes.
+    names = list(blocks)
+    block: dict[tuple[str, str], Node] = {}
+    for i, name in enumerate(names):
+        P = blocks[name][1]
         direction = _directions(b, {name: (0, P)}, P)[name]
         s = direction.indices[0]
+        wanted = {k: _sum_samples_first(b.per_sample_grads[k]) for k in names[i:]}
+        tangents = push_forward(wanted, {b.params[name].uid: direction})
+        for k in names[i:]:
+            Pk, t = blocks[k][1], tangents[k]
+            block[name, k] = _zeros(b, (P, Pk), (s, Index("p", Pk, TANGENT, Variance.LOW))) if t is None else \
+                B.reshape(t, (P, Pk))
+    rows = []
+    for i, name in enumerate(names):
         cols = []
-        for k, t in _tangent_grads(b, {name: direction}).items():
-            Pk = blocks[k][1]
-            cols.append(_zeros(b, (P, Pk), (s, Index("p", Pk, TANGENT, Variance.LOW))) if t is None else
-                        B.reshape(t, (P, Pk)))
+        for j, k in enumerate(names):
+            if j >= i:
+                cols.append(block[name, k])
+                continue
+            upper = block[k, name]  # (P_k, P_name): relabel its transpose with this row's indices
+            t = B.permute(upper, (1, 0))
+            cols.append(B.reshape(t, t.shape, (block[name, name].indices[0], block[k, k].indices[1])))
         rows.append(B.cat(cols, 1))
     return B.cat(rows, 0)

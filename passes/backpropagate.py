@@ -21,7 +21,7 @@ def depends_on(nodes: Iterable[Node], leaves: set[int]) -> set[int]:
 
 
 def backpropagate(output: Node, seed: Node, lead: tuple[Index, ...], wrt: dict[str, Node],
-                  also: dict[str, Node] | None = None) -> dict[str, Node]:
+                  also: dict[str, Node] | None = None, hadamard_einsum: bool = False) -> dict[str, Node]:
     """Cotangents of ``wrt`` (and of the intermediate values ``also``) given the cotangent ``seed``
     of ``output``.
 
@@ -33,6 +33,7 @@ def backpropagate(output: Node, seed: Node, lead: tuple[Index, ...], wrt: dict[s
         wrt: parameter input nodes by name.
         also: intermediate nodes by name whose cotangents are wanted too (e.g. the outputs of
             linear maps, for Kronecker factors).
+        hadamard_einsum: write activations' Hadamard products as einsums (see VjpContext).
 
     Returns:
         Per-sample cotangents by name, indices ``lead + (n,) + dual(param.indices)`` (for a
@@ -42,7 +43,7 @@ def backpropagate(output: Node, seed: Node, lead: tuple[Index, ...], wrt: dict[s
     order = topological_order([output])
     dep = depends_on(order, {p.uid for p in wrt.values()})
     sample = output.indices[output.sample_axis()]
-    ctx = VjpContext(tuple(lead), sample, lambda s: s.uid in dep)
+    ctx = VjpContext(tuple(lead), sample, lambda s: s.uid in dep, hadamard_einsum)
     pending: dict[int, list[Node]] = {output.uid: [seed]}
     result: dict[int, Node] = {}
     for node in reversed(order):

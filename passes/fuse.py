@@ -68,6 +68,24 @@ def _terms(n: Node) -> list[tuple[float, Node]]:
     return [(1.0, n)]
 
 
+def _merge_squares(e: Node) -> Node:
+    """``x_L x_L`` inside an einsum is ``(x*x)_L``: identical operand pairs become one squared
+    operand, so a squared product of factors is a product of squared factors
+    (``(q W s)^2 = q^2 W^2 s^2``) and the path search sees the cheap form."""
+    eq: Einsum = e.arg
+    seen: dict[tuple[int, str], int] = {}
+    for k, (s, x) in enumerate(zip(eq.inputs, e.src)):
+        key = (x.uid, s)
+        if key in seen and len(e.src) > 2:
+            j = seen[key]
+            inputs = [t for i, t in enumerate(eq.inputs) if i != k]
+            src = [y for i, y in enumerate(e.src) if i != k]
+            src[j] = B.mul(x, x)
+            return _merge_squares(B.einsum(inputs, eq.output, src, metric=eq.metric, out_indices=e.indices))
+        seen[key] = k
+    return e
+
+
 def _fuse(e: Node, uses: dict[int, int]) -> Node:
     """Fuse einsum ``e`` with its producers; may return a sum of einsums."""
     pending = [(1.0, e)]
@@ -87,7 +105,7 @@ def _fuse(e: Node, uses: dict[int, int]) -> Node:
                 pending.extend((sign * s, t) for s, t in _distribute(cur, k))
                 break
         else:
-            done.append((sign, cur))
+            done.append((sign, _merge_squares(cur) if cur.op is Op.EINSUM else cur))
     total = None
     for sign, t in done:
         if total is None:

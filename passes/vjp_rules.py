@@ -28,6 +28,9 @@ class VjpContext:
     lead: tuple[Index, ...]  # extra batch indices of the cotangent (e.g. columns)
     sample: Index  # the sample index of the model output
     needs: Callable[[Node], bool]  # does this source need a cotangent?
+    #: write an activation's Hadamard product as an einsum, so fusion keeps a column that is a
+    #: product of factors one product (Hessian-backpropagation columns use it)
+    hadamard_einsum: bool = False
 
     def layout(self, v: Node) -> tuple[Index, ...]:
         return cot_indices(v, self.lead, self.sample)
@@ -172,6 +175,9 @@ def _elementwise(node, cot, ctx):
                                                         for s in d_expr.free_symbols):
         return [B.scale(cot, float(d_expr))]
     d = B.elementwise(fname, 1, params, x, node if E.uses_output(fname, 1) else None)
+    if ctx.hadamard_einsum:
+        L = B.letters(cot.ndim)
+        return [B.einsum([L, L[cot.ndim - d.ndim:]], L, [cot, d], out_indices=cot.indices)]
     return [B.mul(cot, d)]
 
 

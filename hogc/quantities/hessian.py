@@ -165,7 +165,7 @@ def _hbp_diagonals(b: DerivativeBuilder, per_sample: bool) -> dict[str, Node]:
         feat = r.indices[1]
         j = Index("j", feat.size, feat.space, Variance.BATCH)
         seed = B.einsum(["ju", "nu"], "jnu", [B.delta(j, feat, b.dtype), q], out_indices=(j,) + dual(u.indices))
-        cols = backpropagate(u, seed, (j,), b.params)
+        cols = backpropagate(u, seed, (j,), b.params, hadamard_einsum=True)
         for name, v in cols.items():
             L = B.letters(v.ndim)
             keep = L[1:] if per_sample else L[2:]

@@ -123,3 +123,19 @@ def test_explain_says_which_strategy_and_why():
     fs(torch.randn(3, 5), torch.randint(0, 5, (3,)))
     assert "forward-over-reverse" in fs.explain().strategies["hessian_diag"]
     assert "two factors of one product" in fs.explain().strategies["hessian_diag"]
+
+
+def test_cost_model_picks_the_cheaper_exact_strategy():
+    """Both strategies are exact; the one with fewer predicted operations is chosen and reported."""
+    import re
+
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(8, 6), nn.Sigmoid(), nn.Linear(6, 3)).double()
+    x, y = torch.randn(4, 8, dtype=torch.float64), torch.randint(0, 3, (4,))
+    fn = hogc.compile(mlp, "hessian_diag")
+    fn(x, y)
+    note = fn.explain().strategies["hessian_diag"]
+    costs = dict((k, float(v)) for k, v in re.findall(r"(Hessian backpropagation|forward-over-reverse) ([0-9.e+]+)",
+                                                        note.split("predicted operations:")[1]))
+    assert set(costs) == {"Hessian backpropagation", "forward-over-reverse"}
+    assert note.startswith(min(costs, key=costs.get))

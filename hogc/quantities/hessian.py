@@ -12,10 +12,12 @@ import torch
 
 from hogc.passes import elementwise as E
 from hogc.passes.backpropagate import backpropagate
+from hogc.passes.fuse import fuse_einsums
+from hogc.passes.paths import contract_pairwise
 from hogc.passes.push_forward import push_forward
 
 from ..errors import HogcError
-from ..ir import Index, Node, Op, Variance, build as B, dual, topological_order
+from ..ir import Index, Node, Op, Program, Variance, build as B, dual, topological_order
 from .builder import DerivativeBuilder
 from .ggn import ggn_diagonals
 from .registry import MAX_ELEMENTS, register_quantity
@@ -174,41 +176,73 @@ def _hbp_diagonals(b: DerivativeBuilder, per_sample: bool) -> dict[str, Node]:
     return out
 
 
-def _note_diagonal_strategy(b: DerivativeBuilder, qname: str) -> bool:
+#: with Hessian backpropagation available, forward-over-reverse is still costed for parameters up to
+#: this size (its identity directions are built eagerly)
+COMPARE_DIRECTIONS = 2048
+
+
+def program_cost(outputs: dict[str, Node]) -> int:
+    """Predicted work of a candidate program after fusion and path choice: multiply-adds of every
+    contraction (x2) plus one operation per element of every other computed value."""
+    program = contract_pairwise(fuse_einsums(Program.of(outputs)))
+    cost = 0
+    for n in program.nodes:
+        if n.op is Op.EINSUM:
+            sizes: dict[str, int] = {}
+            for s_, x in zip(n.arg.inputs, n.src):
+                sizes.update(zip(s_, x.shape))
+            cost += math.prod(sizes.values()) * (1 if len(n.src) == 1 else 2)
+        elif n.op not in (Op.INPUT, Op.CONST):
+            cost += math.prod(n.shape)
+    return cost
+
+
+def _diagonals(b: DerivativeBuilder, qname: str, per_sample: bool) -> dict[str, Node]:
+    """Exact Hessian diagonals by the cheaper applicable strategy, as predicted by ``program_cost``
+    for these shapes; the choice and the numbers go to ``fn.explain()``."""
     sites = _residual_sites(b)
+    candidates: dict[str, dict[str, Node]] = {}
     if sites is not None:
+        candidates["Hessian backpropagation"] = _hbp_diagonals(b, per_sample)
+    limit = COMPARE_DIRECTIONS if sites is not None else MAX_DIRECTIONS
+    if all(math.prod(p.shape) <= limit for p in b.params.values()) or sites is None:
+        if per_sample:
+            fwd = {k: B.reshape(_diagonal(b, _block(b, k, per_sample=True)), (b.N,) + b.params[k].shape)
+                   for k in b.params}
+        else:
+            fwd = {k: B.reshape(_diagonal(b, _block(b, k)), b.params[k].shape) for k in b.params}
+        candidates["forward-over-reverse"] = fwd
+    costs = {name: program_cost(out) for name, out in candidates.items()}
+    chosen = min(costs, key=costs.get)
+    detail = ", ".join(f"{name} {c:.3g}" for name, c in costs.items())
+    if chosen == "Hessian backpropagation":
         cols = " + ".join(str(y.shape[1]) for y in sites) or "none"
-        b.notes[qname] = (f"Hessian backpropagation: GGN diagonal ({num_cols(b)} square-root columns) plus "
-                          f"{len(sites)} curved-activation residuals (columns per sample: {cols}), Kronecker-delta "
-                          f"seeds eliminated by fusion")
-        return True
-    b.notes[qname] = (f"forward-over-reverse, one tangent direction per parameter entry, because "
-                      f"{b.notes.get('why_not_hbp', 'Hessian backpropagation does not apply')}")
-    return False
+        why = (f"GGN diagonal ({num_cols(b)} square-root columns) plus {len(sites)} curved-activation residuals "
+               f"(columns per sample: {cols}), Kronecker-delta seeds eliminated by fusion")
+    else:
+        why = "one tangent direction per parameter entry" + (
+            "" if sites is not None else f"; Hessian backpropagation does not apply: {b.notes.get('why_not_hbp')}")
+    b.notes[qname] = f"{chosen}: {why} (predicted operations: {detail})"
+    return candidates[chosen]
 
 
 def num_cols(b: DerivativeBuilder) -> int:
-    v = next(iter(b.sqrt_ggn.values()))
-    return v.shape[0]
+    return next(iter(b.sqrt_ggn.values())).shape[0]
 
 
 @register_quantity("batch_hessian_diag")
 def _batch_hessian_diag(b):
     """Per-sample Hessian diagonals (each sample's loss share), shape (N, *param); they sum to
-    hessian_diag. Hessian backpropagation where it applies, forward-over-reverse otherwise."""
-    if _note_diagonal_strategy(b, "batch_hessian_diag"):
-        return _hbp_diagonals(b, per_sample=True)
-    return {k: B.reshape(_diagonal(b, _block(b, k, per_sample=True)), (b.N,) + b.params[k].shape)
-            for k in b.params}
+    hessian_diag. Hessian backpropagation or forward-over-reverse, whichever a cost model predicts
+    cheaper (``fn.explain()`` says which and why)."""
+    return _diagonals(b, "batch_hessian_diag", per_sample=True)
 
 
 @register_quantity("hessian_diag")
 def _hessian_diag(b):
     """The exact diagonal of the Hessian (residual terms included), shaped like each parameter.
-    Hessian backpropagation where it applies, forward-over-reverse otherwise."""
-    if _note_diagonal_strategy(b, "hessian_diag"):
-        return _hbp_diagonals(b, per_sample=False)
-    return {k: B.reshape(_diagonal(b, _block(b, k)), b.params[k].shape) for k in b.params}
+    Hessian backpropagation or forward-over-reverse, whichever a cost model predicts cheaper."""
+    return _diagonals(b, "hessian_diag", per_sample=False)
 
 
 def _sum_samples_first(t: Node) -> Node:

@@ -7,6 +7,7 @@ from hogc.capture.lower import supported_ops
 from hogc.ir import Op
 from hogc.passes.elementwise import ELEMENTWISE_FNS, derivative_expr
 from hogc.passes.jvp_rules import jvp_rules
+from hogc.passes.residual_rules import residual_kinds
 from hogc.passes.vjp_rules import rule_kinds, vjp_rules
 
 
@@ -25,9 +26,10 @@ def render() -> str:
              "| function | f' (in x, or in y = f(x) where cheaper) |", "|---|---|"]
     lines += [f"| `{n}` | `{derivative_expr(n, 1)}` |" for n in ELEMENTWISE_FNS]
     lines += ["", "## Rule orders per IR op", "",
-              "| op | kind | reverse (`vjp_rules`) | forward (`jvp_rules`) |", "|---|---|---|---|"]
+              "| op | kind | reverse (`vjp_rules`) | forward (`jvp_rules`) | second-order residual "
+              "(`residual_rules`) |", "|---|---|---|---|---|"]
     lines += [f"| `{o.name}` | {rule_kinds.get(o, '-')} | {'yes' if o in vjp_rules else '-'} | "
-              f"{'yes' if o in jvp_rules else '-'} |" for o in Op]
+              f"{'yes' if o in jvp_rules else '-'} | {residual_kinds.get(o, '-')} |" for o in Op]
     lines += ["",
               "## Losses", "",
               "`CrossEntropyLoss` (class-index targets), `MSELoss`, `BCEWithLogitsLoss`; reduction `mean` or `sum`.", ""]

@@ -201,3 +201,40 @@ def test_missing_forward_rule_names_the_op():
     t = B.inp("data", "t", (_s,) + f.indices)
     with pytest.raises(MissingRuleError, match="LOSS_SQRT_HESSIAN"):
         push_forward({"sq": sq}, {f.uid: t})
+
+
+def test_every_op_has_a_second_order_residual_kind():
+    from hogc.passes.residual_rules import RESIDUAL_KINDS, residual_kinds
+
+    missing = [op.name for op in Op if op not in residual_kinds]
+    assert not missing, f"ops without a second-order residual rule: {missing}"
+    assert set(residual_kinds.values()) <= set(RESIDUAL_KINDS)
+    # the structural kinds agree with the first-order table
+    for op, kind in rule_kinds.items():
+        if kind == "linear":
+            assert residual_kinds[op] == "zero", op
+        if kind == "multilinear":
+            assert residual_kinds[op] == "cross", op
+
+
+@pytest.mark.parametrize("fname", sorted(__import__("hogc.passes.elementwise", fromlist=["x"]).ELEMENTWISE_FNS))
+def test_elementwise_residual_is_gradient_times_second_derivative(fname):
+    from hogc.passes import elementwise as E
+    from hogc.passes.residual_rules import residual
+
+    fn = E.ELEMENTWISE_FNS[fname]
+    u = _inp("u", (4,))
+    y = B.elementwise(fname, 0, fn.example_params, u)
+    g = B.inp("data", "g", tuple(i.dual() for i in y.indices))
+    r = residual(y, g)
+    if E.is_zero(fname, 2):
+        assert r is None
+        return
+    gm = emit(Program.of({"r": r}), [("param", "u"), ("data", "g")])
+    gen = torch.Generator().manual_seed(0)
+    uv = torch.randn(u.shape, generator=gen, dtype=torch.float64)
+    if fn.domain == "positive":
+        uv = uv.abs() + 0.2
+    gv = torch.randn(u.shape, generator=gen, dtype=torch.float64)
+    want = gv * E.derivative(fname, 2)(uv, fn.forward(uv, *fn.example_params), *fn.example_params)
+    torch.testing.assert_close(gm(uv, gv)[0], want)

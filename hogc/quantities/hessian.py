@@ -15,8 +15,9 @@ from hogc.passes.backpropagate import backpropagate
 from hogc.passes.fuse import fuse_einsums
 from hogc.passes.paths import contract_pairwise
 from hogc.passes.push_forward import push_forward
+from hogc.passes.residual_rules import residual, residual_kinds
 
-from ..errors import HogcError
+from ..errors import HogcError, MissingRuleError
 from ..ir import Index, Node, Op, Program, Variance, build as B, dual, topological_order
 from .builder import DerivativeBuilder
 from .ggn import ggn_diagonals
@@ -124,14 +125,17 @@ def _residual_sites(b: DerivativeBuilder) -> list[Node] | None:
     for node in order:
         if not influences[node.uid]:
             continue
-        if node.op is Op.ELEMENTWISE:
+        kind = residual_kinds.get(node.op)
+        if kind is None:
+            raise MissingRuleError(f"no second-order residual rule for op {node.op.name} (at {node.where})")
+        if kind == "diagonal":
             if E.is_zero(node.arg[0], 2):
                 continue
             if node.ndim != 2 or node.sample_axis() != 0:
                 b.notes["why_not_hbp"] = f"{node.arg[0]} acts on a value of shape {node.shape}, not (samples, features)"
                 return None
             sites.append(node)
-        elif node.op in (Op.MUL, Op.EINSUM, Op.DIV):
+        elif kind == "cross":
             # a product's cross term reaches the diagonal only where one parameter feeds two factors
             seen: set[int] = set()
             for s in node.src:
@@ -140,9 +144,9 @@ def _residual_sites(b: DerivativeBuilder) -> list[Node] | None:
                                               f"({node.op.name.lower()} in {node.where or 'the model'})")
                     return None
                 seen |= influences[s.uid]
-            if node.op is Op.DIV and influences[node.src[1].uid]:
-                b.notes["why_not_hbp"] = f"a division by a parameter-dependent value ({node.where})"
-                return None  # 1/b is curved
+        elif kind == "curved" and any(influences[s.uid] for s in node.src[1:]):
+            b.notes["why_not_hbp"] = f"a division by a parameter-dependent value ({node.where})"
+            return None
     return sites
 
 
@@ -158,10 +162,8 @@ def _hbp_diagonals(b: DerivativeBuilder, per_sample: bool) -> dict[str, Node]:
     for k, y in enumerate(sites):
         if f"y{k}" not in cots:
             continue
-        fname, _, params = y.arg
         u = y.src[0]
-        d2 = B.elementwise(fname, 2, params, u, y if E.uses_output(fname, 2) else None)
-        r = B.mul(cots[f"y{k}"], d2)  # (n, U), lower: the residual's diagonal
+        r = residual(y, cots[f"y{k}"])  # (n, U), lower: the residual's diagonal
         q = B.elementwise("sqrt", 0, (), B.elementwise("abs", 0, (), r))
         sign = B.elementwise("sign", 0, (), r)
         feat = r.indices[1]

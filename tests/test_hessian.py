@@ -139,3 +139,13 @@ def test_cost_model_picks_the_cheaper_exact_strategy():
                                                         note.split("predicted operations:")[1]))
     assert set(costs) == {"Hessian backpropagation", "forward-over-reverse"}
     assert note.startswith(min(costs, key=costs.get))
+
+
+def test_missing_second_order_rule_names_the_op(monkeypatch):
+    from hogc.ir import Op
+    from hogc.passes import residual_rules
+
+    monkeypatch.delitem(residual_rules.residual_kinds, Op.ELEMENTWISE)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    with pytest.raises(hogc.MissingRuleError, match="no second-order residual rule for op ELEMENTWISE"):
+        hogc.compile(model, "hessian_diag")(torch.randn(5, 3), torch.randint(0, 2, (5,)))

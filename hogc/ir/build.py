@@ -142,22 +142,16 @@ def einsum(inputs: Sequence[str], output: str, operands: Sequence[Node], metric=
     inputs = list(inputs)
     if len(inputs) != len(operands):
         raise ValueError("einsum: one letter string per operand")
-    if any(_is_delta(x) for x in operands):
-        operands, metric = list(operands), set(metric)
-        if out_indices is None:
-            found0: dict[str, Index] = {}
-            for s, x in zip(inputs, operands):
-                for ch, ix in zip(s, x.indices):
-                    found0.setdefault(ch, ix)
-            out_indices = tuple(found0[ch] for ch in output)
-        _eliminate_deltas(inputs, output, operands, metric)
-    inputs = tuple(inputs)
-    if out_indices is None:
+    if out_indices is None:  # each output letter takes the index of its first occurrence
         found: dict[str, Index] = {}
         for s, x in zip(inputs, operands):
             for ch, ix in zip(s, x.indices):
                 found.setdefault(ch, ix)
         out_indices = tuple(found[ch] for ch in output)
+    if any(_is_delta(x) for x in operands):
+        operands, metric = list(operands), set(metric)
+        _eliminate_deltas(inputs, output, operands, metric)
+    inputs = tuple(inputs)
     metric = frozenset(metric) & frozenset("".join(inputs))
     if len(operands) == 1 and inputs[0] == output and not metric:
         return operands[0]

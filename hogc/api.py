@@ -30,6 +30,7 @@ class _Specialization:
     inputs: list[tuple[str, str]]
     num_classes: int | None  # cross-entropy: targets are checked against it on every call
     notes: dict[str, str]  # the strategy each quantity chose and why
+    itemsize: int = 4  # bytes per element of the program's floating dtype
 
 
 class CompiledFunction:
@@ -37,11 +38,12 @@ class CompiledFunction:
 
     def __init__(self, model: nn.Module, quantities: Sequence[str], single: bool, loss: nn.Module,
                  mc_samples: int, seed: int | None, generator: torch.Generator | None, optimize: str,
-                 verify: bool | None, top_k: int = 1):
+                 verify: bool | None, top_k: int = 1, memory_budget: int | None = None):
         self.model, self.quantities, self.single = model, tuple(quantities), single
         self.loss, self.spec = loss, loss_spec(loss)
         self.mc_samples, self.seed, self.generator = mc_samples, seed, generator
         self.optimize, self.verify, self.top_k = optimize, verify, top_k
+        self.memory_budget = memory_budget
         self.takes_vector = any(get_quantity(q).takes_vector for q in self.quantities)
         self._cache: dict[tuple, _Specialization] = {}
         self._last: _Specialization | None = None
@@ -76,7 +78,8 @@ class CompiledFunction:
         shapes = {k: tuple(p.shape) for k, p in self.model.named_parameters() if p.requires_grad}
         notes: dict[str, str] = {}
         unopt = derive(forward, self.quantities, self.spec, x.dtype, shapes, self.mc_samples, self.top_k, notes)
-        program = run_pipeline(unopt, optimization_pipeline(self.optimize), self.verify)
+        passes = optimization_pipeline(self.optimize, self.memory_budget, x.element_size())
+        program = run_pipeline(unopt, passes, self.verify)
         used = {n.arg for n in program.inputs()}
         order = [("param", k) for k, p in self.model.named_parameters() if p.requires_grad] + \
                 [("buffer", k) for k, p in self.model.named_parameters() if not p.requires_grad] + \
@@ -87,7 +90,7 @@ class CompiledFunction:
         gm = emit(program, inputs).to(x.device)  # captured constants follow the inputs
         classes = out.shape[1] if self.spec.kind == "cross_entropy" else None
         return _Specialization(program, unopt, gm, inputs, classes,
-                               {k: v for k, v in notes.items() if k in self.quantities})
+                               {k: v for k, v in notes.items() if k in self.quantities}, x.element_size())
 
     def specialize(self, x: torch.Tensor, y: torch.Tensor, named=None) -> _Specialization:
         """Compile (or fetch from the cache) the program for these input shapes and dtypes."""
@@ -203,7 +206,7 @@ class CompiledFunction:
         """The strategy each quantity chose and why, and every contraction of the emitted program
         with its FLOPs and result size (prints as a table)."""
         spec = self._require()
-        return explain(spec.program, spec.notes)
+        return explain(spec.program, spec.notes, spec.itemsize, self.optimize, self.memory_budget)
 
     @property
     def code(self) -> str:
@@ -217,7 +220,8 @@ class CompiledFunction:
 
 def compile(model: nn.Module, quantity: str | Sequence[str] = "ggn_diag", loss: nn.Module | None = None, *,
             mc_samples: int = 1, seed: int | None = None, generator: torch.Generator | None = None,
-            optimize: str = "auto", verify: bool | None = None, top_k: int = 1) -> CompiledFunction:
+            optimize: str = "auto", memory_budget: int | None = None, verify: bool | None = None,
+            top_k: int = 1) -> CompiledFunction:
     """Compile derivative quantities of ``loss(model(x), y)``.
 
     Args:
@@ -228,7 +232,10 @@ def compile(model: nn.Module, quantity: str | Sequence[str] = "ggn_diag", loss: 
         mc_samples: columns of the Monte-Carlo square root (``ggn_diag_mc``).
         seed: makes Monte-Carlo quantities reproducible (the same draw on every call).
         generator: a ``torch.Generator`` to draw from (also accepted per call).
-        optimize: contraction-path strategy ('auto', 'naive', 'greedy', 'optimal', 'dp').
+        optimize: contraction-path strategy ('auto', 'naive', 'greedy', 'optimal', 'dp'; 'cotengra'
+            when installed). 'naive' contracts in the order the passes wrote.
+        memory_budget: bytes; slice contractions (loop over indices, summing or concatenating the
+            chunks) until the predicted peak memory of the program fits (``fn.explain()`` shows it).
         verify: run the IR verifier after every pass (default: ``HOGC_VERIFY`` env var).
         top_k: how many of the largest GGN eigenvalues ``ggn_eigen`` returns.
 
@@ -238,6 +245,8 @@ def compile(model: nn.Module, quantity: str | Sequence[str] = "ggn_diag", loss: 
     Raises:
         UnknownQuantityError: a quantity name that is not registered (lists valid ones).
         UnsupportedLossError: a loss without a known Hessian factorization.
+        MemoryBudgetError (on the first call): no slicing fits ``memory_budget``; the message gives
+            the smallest reachable predicted peak.
     """
     single = isinstance(quantity, str)
     names = [quantity] if single else list(quantity)
@@ -252,5 +261,8 @@ def compile(model: nn.Module, quantity: str | Sequence[str] = "ggn_diag", loss: 
         raise HogcError(f"unknown optimize strategy '{optimize}'; registered: {sorted(PATH_STRATEGIES)}")
     if top_k < 1:
         raise HogcError(f"top_k must be >= 1, got {top_k}")
+    if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(memory_budget, int)
+                                      or memory_budget <= 0):
+        raise HogcError(f"memory_budget must be a positive number of bytes (int), got {memory_budget!r}")
     return CompiledFunction(model, names, single, loss if loss is not None else nn.CrossEntropyLoss(),
-                            mc_samples, seed, generator, optimize, verify, top_k)
+                            mc_samples, seed, generator, optimize, verify, top_k, memory_budget)

@@ -4,7 +4,7 @@ from __future__ import annotations
 __all__ = [
     "HogcError", "UnsupportedOpError", "MissingRuleError", "UnknownQuantityError",
     "TargetShapeError", "TraceError", "InputDtypeError", "VerificationError",
-    "UnsupportedLossError", "SampleMixingError",
+    "UnsupportedLossError", "SampleMixingError", "MemoryBudgetError",
 ]
 
 
@@ -49,3 +49,7 @@ class UnsupportedLossError(HogcError):
 
 class SampleMixingError(HogcError):
     """An op couples samples, so per-sample quantities are undefined."""
+
+
+class MemoryBudgetError(HogcError):
+    """No slicing of the contractions brings the predicted peak memory under ``memory_budget``."""

@@ -86,7 +86,7 @@ def _merge_squares(e: Node) -> Node:
     return e
 
 
-def _fuse(e: Node, uses: dict[int, int]) -> Node:
+def _fuse(e: Node, uses: dict[int, int], merge_squares: bool = True) -> Node:
     """Fuse einsum ``e`` with its producers; may return a sum of einsums."""
     pending = [(1.0, e)]
     done: list[tuple[float, Node]] = []
@@ -105,7 +105,7 @@ def _fuse(e: Node, uses: dict[int, int]) -> Node:
                 pending.extend((sign * s, t) for s, t in _distribute(cur, k))
                 break
         else:
-            done.append((sign, _merge_squares(cur) if cur.op is Op.EINSUM else cur))
+            done.append((sign, _merge_squares(cur) if cur.op is Op.EINSUM and merge_squares else cur))
     total = None
     for sign, t in done:
         if total is None:
@@ -115,11 +115,13 @@ def _fuse(e: Node, uses: dict[int, int]) -> Node:
     return total
 
 
-def fuse_einsums(program: Program) -> Program:
+def fuse_einsums(program: Program, merge_squares: bool = True) -> Program:
     """Merge einsum producers into their einsum consumers (see the module docstring).
 
     Args:
         program: any program; nodes other than EINSUM (and sums of expanding einsums) are kept.
+        merge_squares: turn identical operand pairs into squared operands (off for the 'naive'
+            schedule, which contracts exactly what the passes wrote).
 
     Returns:
         An equivalent program whose einsums are tensor networks over the original operands.
@@ -137,7 +139,7 @@ def fuse_einsums(program: Program) -> Program:
         if n2 is not node:
             uses[n2.uid] = uses.get(node.uid, 0)
         if n2.op is Op.EINSUM:
-            n2 = _fuse(n2, uses)
+            n2 = _fuse(n2, uses, merge_squares)
             uses[n2.uid] = uses.get(node.uid, 0)
         new[node.uid] = n2
     return Program.of({k: new[v.uid] for k, v in program.outputs.items()})

@@ -1,11 +1,15 @@
-"""contract_pairwise: choose a contraction path per tensor network and spell it out.
+"""contract_pairwise: choose a contraction path per tensor network, slice it to a memory cap,
+and spell it out as pairwise EINSUM nodes, so nothing is searched at run time.
 
-Strategies are registered by name (opt_einsum's path functions and our own); the chosen
-path becomes a chain of pairwise EINSUM nodes, so nothing is searched at run time.
+Strategies are registered by name (opt_einsum's path functions, cotengra when installed, and
+our own). Each network's schedule (equation with variances, path, FLOPs, largest intermediate,
+sliced indices) is recorded on the resulting program for ``fn.explain()``.
 """
 from __future__ import annotations
 
+import functools
 import math
+from dataclasses import dataclass
 from typing import Callable
 
 import opt_einsum as oe
@@ -13,12 +17,17 @@ import opt_einsum as oe
 from hogc.ir import Node, Op, Program, build as B
 from hogc.ir.node import Einsum
 
-__all__ = ["contract_pairwise", "PATH_STRATEGIES", "register_path_strategy"]
+__all__ = ["contract_pairwise", "PATH_STRATEGIES", "register_path_strategy", "NetworkSchedule",
+           "network_steps", "MAX_SLICES"]
+
+#: The most chunks one network is cut into (the loop is unrolled into the program).
+MAX_SLICES = 256
 
 
 def _naive(inputs, output, size_dict, memory_limit=None):
-    """Left to right, in the order the passes wrote the operands."""
-    return [(0, 1)] * (len(inputs) - 1)
+    """Left to right, in the order the passes wrote the operands: ((a b) c) d ..."""
+    n = len(inputs)
+    return [(0, 1)] + [(0, n - 1 - k) for k in range(1, n - 1)]
 
 
 PATH_STRATEGIES: dict[str, Callable | str] = {"naive": _naive, "greedy": "greedy", "optimal": "optimal",
@@ -32,71 +41,224 @@ def register_path_strategy(name: str, fn: Callable) -> None:
     PATH_STRATEGIES[name] = fn
 
 
-def _path(eq: Einsum, operands, strategy: str):
+try:  # an optional extra: hyper-optimized contraction trees
+    import cotengra as _ctg
+
+    def _cotengra(inputs, output, size_dict, memory_limit=None):
+        opt = _ctg.HyperOptimizer(max_repeats=16, progbar=False)
+        return opt(inputs, output, size_dict)
+
+    PATH_STRATEGIES["cotengra"] = _cotengra
+except ImportError:  # pragma: no cover - depends on the environment
+    pass
+
+
+@functools.lru_cache(maxsize=4096)
+def _path(eq: Einsum, shapes: tuple, strategy: str):
     if strategy not in PATH_STRATEGIES:
         raise ValueError(f"unknown path strategy '{strategy}'; registered: {sorted(PATH_STRATEGIES)}")
     opt = PATH_STRATEGIES[strategy]
-    if len(operands) <= 2:
-        return [(0, 1)] if len(operands) == 2 else [(0,)]
-    if opt == "auto" and len(operands) <= 6:
+    if len(shapes) <= 2:
+        return [(0, 1)] if len(shapes) == 2 else [(0,)]
+    if opt == "auto" and len(shapes) <= 6:
         opt = "optimal"
     if callable(opt):
         sizes = {}
-        for s, x in zip(eq.inputs, operands):
-            sizes.update(zip(s, x.shape))
-        return opt([set(s) for s in eq.inputs], set(eq.output), sizes, None)
-    path, _ = oe.contract_path(",".join(eq.inputs) + "->" + eq.output, *[x.shape for x in operands],
-                               shapes=True, optimize=opt)
+        for s, shp in zip(eq.inputs, shapes):
+            sizes.update(zip(s, shp))
+        return [tuple(p) for p in opt([set(s) for s in eq.inputs], set(eq.output), sizes, None)]
+    path, _ = oe.contract_path(",".join(eq.inputs) + "->" + eq.output, *shapes, shapes=True, optimize=opt)
     return path
 
 
-def _split(node: Node, strategy: str) -> Node:
-    eq: Einsum = node.arg
-    ops = list(node.src)
-    subs = list(eq.inputs)
-    path = _path(eq, ops, strategy)
+def network_steps(inputs, output: str, sizes: dict[str, int], path) -> list[tuple[int, int, str, str, str]]:
+    """The pairwise steps of ``path``: (i, j, sa, sb, result) with the result's letters in the
+    order ``contract_pairwise`` writes them (the larger operand's layout first)."""
+    subs = list(inputs)
+    steps = []
     for step in path:
         if len(step) == 1:
             continue
         i, j = sorted(step)
-        a, b = ops[i], ops[j]
         sa, sb = subs[i], subs[j]
         rest = [s for k, s in enumerate(subs) if k not in (i, j)]
-        if len(rest) == 0:
-            out = eq.output
-            out_idx = node.indices
+        if not rest:
+            out = output
         else:
-            keep = set(eq.output) | set("".join(rest))
-            # the larger operand's layout first: elementwise products then stream through memory
-            first, second = (sa, sb) if math.prod(a.shape) >= math.prod(b.shape) else (sb, sa)
+            keep = set(output) | set("".join(rest))
+            first, second = (sa, sb) if _numel(sa, sizes) >= _numel(sb, sizes) else (sb, sa)
             out = "".join(dict.fromkeys(c for c in first + second if c in keep))
-            out_idx = None
-        r = B.einsum([sa, sb], out, [a, b], metric=eq.metric, out_indices=out_idx)
-        ops = [o for k, o in enumerate(ops) if k not in (i, j)] + [r]
+        steps.append((i, j, sa, sb, out))
         subs = rest + [out]
+    return steps
+
+
+def _numel(s: str, sizes: dict[str, int]) -> int:
+    return math.prod(sizes[c] for c in s)
+
+
+def _stats(inputs, output, sizes, path) -> tuple[int, int]:
+    """(FLOPs, largest intermediate in elements) of a path; the network's result is not an intermediate."""
+    flops, largest = 0, 0
+    steps = network_steps(inputs, output, sizes, path)
+    for k, (_, _, sa, sb, out) in enumerate(steps):
+        flops += 2 * _numel("".join(dict.fromkeys(sa + sb)), sizes)
+        if k < len(steps) - 1:
+            largest = max(largest, _numel(out, sizes))
+    return flops, largest
+
+
+@dataclass(frozen=True)
+class NetworkSchedule:
+    """How one tensor network is contracted (one row of ``fn.explain()``)."""
+
+    equation: str  # letters, e.g. "ab,cb->ac"
+    legend: str  # each letter's index with its variance, e.g. "a=n.8 b=h0^5 c=h1^4"
+    path: tuple[tuple[int, int], ...]  # opt_einsum convention (operands then results appended)
+    flops: int  # over all slices, multiply-adds counted as 2
+    largest: int  # largest intermediate of one slice, elements
+    itemsize: int
+    sliced: tuple[str, ...]  # "letter=index/chunks" for each sliced letter
+    slices: int  # number of chunks the network is cut into
+    operands: int
+
+
+def _chunks(size: int, parts: int) -> list[tuple[int, int]]:
+    step = -(-size // parts)
+    return [(s, min(s + step, size)) for s in range(0, size, step)]
+
+
+def _choose_slices(eq: Einsum, shapes, path, itemsize: int, cap_bytes: float) -> dict[str, int]:
+    """Greedy: halve the letter of the largest intermediate whose halving lowers it most for the
+    fewest extra FLOPs, until the largest intermediate fits ``cap_bytes`` (or nothing helps)."""
+    sizes: dict[str, int] = {}
+    for s, shp in zip(eq.inputs, shapes):
+        sizes.update(zip(s, shp))
+    parts = {c: 1 for c in sizes}
+
+    def sliced_sizes(p):
+        return {c: -(-sizes[c] // p[c]) for c in sizes}
+
+    def cost(p):
+        f, big = _stats(eq.inputs, eq.output, sliced_sizes(p), path)
+        return big, f * math.prod(p.values())
+
+    big, flops = cost(parts)
+    while big * itemsize > cap_bytes:
+        best = None
+        for c in sizes:
+            if parts[c] >= sizes[c]:
+                continue
+            trial = dict(parts)
+            trial[c] = min(sizes[c], parts[c] * 2)
+            if math.prod(-(-sizes[k] // -(-sizes[k] // trial[k])) for k in trial) > MAX_SLICES:
+                continue
+            b2, f2 = cost(trial)
+            if b2 < big and (best is None or (b2, f2) < best[0]):
+                best = ((b2, f2), trial)
+        if best is None:
+            break
+        (big, flops), parts = best
+    return {c: p for c, p in parts.items() if p > 1}
+
+
+def _letter_legend(eq: Einsum, srcs) -> str:
+    seen: dict[str, str] = {}
+    for s, x in zip(eq.inputs, srcs):
+        for c, ix in zip(s, x.indices):
+            seen.setdefault(c, str(ix))
+    return " ".join(f"{c}={seen[c]}" for c in sorted(seen))
+
+
+def _build(eq: Einsum, ops: list[Node], path, out_indices) -> Node:
+    subs = list(eq.inputs)
+    ops = list(ops)
+    sizes: dict[str, int] = {}
+    for s, x in zip(subs, ops):
+        sizes.update(zip(s, x.shape))
+    for i, j, sa, sb, out in network_steps(eq.inputs, eq.output, sizes, path):
+        a, b = ops[i], ops[j]
+        last = len(ops) == 2
+        r = B.einsum([sa, sb], out, [a, b], metric=eq.metric, out_indices=out_indices if last else None)
+        ops = [o for k, o in enumerate(ops) if k not in (i, j)] + [r]
+        subs = [s for k, s in enumerate(subs) if k not in (i, j)] + [out]
     if len(ops) == 1 and (subs[0] != eq.output or ops[0].op is not Op.EINSUM):
-        return B.einsum(subs, eq.output, ops, metric=eq.metric, out_indices=node.indices)
+        return B.einsum(subs, eq.output, ops, metric=eq.metric, out_indices=out_indices)
     return ops[0]
 
 
-def contract_pairwise(program: Program, strategy: str = "auto") -> Program:
+def _sliced(node: Node, path, parts: dict[str, int]) -> Node:
+    """The network cut into chunks along ``parts``' letters: summed letters add their chunks,
+    letters of the result concatenate them."""
+    eq: Einsum = node.arg
+    sizes: dict[str, int] = {}
+    for s, x in zip(eq.inputs, node.src):
+        sizes.update(zip(s, x.shape))
+    letters = sorted(parts, key=lambda c: c in eq.output)  # summed letters outermost
+
+    def rec(k: int, ops: list[Node]) -> Node:
+        if k == len(letters):
+            return _build(eq, ops, path, None)
+        c = letters[k]
+        results = []
+        for lo, hi in _chunks(sizes[c], parts[c]):
+            cut = [B.slice_(x, s.index(c), lo, hi) if c in s else x for s, x in zip(eq.inputs, ops)]
+            results.append(rec(k + 1, cut))
+        if c in eq.output:
+            return B.cat(results, eq.output.index(c))
+        total = results[0]
+        for r in results[1:]:
+            total = B.add(total, r)
+        return total
+
+    out = rec(0, list(node.src))
+    if out.indices != node.indices:  # restore the network's own result indices
+        out = B.einsum([eq.output], eq.output, [out], out_indices=node.indices)
+    return out
+
+
+def contract_pairwise(program: Program, strategy: str = "auto", cap_bytes: float | None = None,
+                      itemsize: int = 4) -> Program:
     """Replace every einsum of three or more operands by the pairwise einsums of its path.
 
     Args:
         program: any program.
         strategy: a name in ``PATH_STRATEGIES`` ('naive' keeps the order the passes wrote).
+        cap_bytes: slice every network whose largest intermediate exceeds this many bytes.
+        itemsize: bytes per element (of the program's floating dtype).
 
     Returns:
-        An equivalent program whose einsums have at most two operands.
+        An equivalent program whose einsums have at most two operands; ``networks`` records each
+        network's schedule.
 
     Raises:
         ValueError: an unknown strategy (the message lists the registered ones).
     """
     new: dict[int, Node] = {}
+    records = []
     for node in program.nodes:
         src = tuple(new[s.uid] for s in node.src)
         n2 = node if src == node.src else node.replace(src=src)
-        if n2.op is Op.EINSUM and len(n2.src) > 2:
-            n2 = _split(n2, strategy)
+        if n2.op is Op.EINSUM and len(n2.src) >= 2:
+            eq: Einsum = n2.arg
+            shapes = tuple(x.shape for x in n2.src)
+            path = _path(eq, shapes, strategy)
+            item = itemsize
+            parts = _choose_slices(eq, shapes, path, item, cap_bytes) if cap_bytes is not None else {}
+            sizes = {}
+            for s, shp in zip(eq.inputs, shapes):
+                sizes.update(zip(s, shp))
+            slices = math.prod(len(_chunks(sizes[c], p)) for c, p in parts.items())
+            sl_sizes = {c: -(-sizes[c] // parts.get(c, 1)) for c in sizes}
+            flops, largest = _stats(eq.inputs, eq.output, sl_sizes, path)
+            legend = _letter_legend(eq, n2.src)
+            records.append((n2, NetworkSchedule(
+                str(eq), legend, tuple(tuple(p) for p in path), flops * slices,
+                largest, item, tuple(f"{c}/{len(_chunks(sizes[c], p))}" for c, p in sorted(parts.items())),
+                slices, len(n2.src))))
+            if len(n2.src) > 2 or parts:
+                n2 = _sliced(n2, path, parts) if parts else _build(eq, list(n2.src), path, n2.indices)
+            records[-1] = (n2, records[-1][1])
         new[node.uid] = n2
-    return Program.of({k: new[v.uid] for k, v in program.outputs.items()})
+    out = Program.of({k: new[v.uid] for k, v in program.outputs.items()})
+    return out.with_networks(records)

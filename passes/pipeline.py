@@ -5,12 +5,14 @@ import functools
 import os
 from collections.abc import Callable, Sequence
 
+from hogc.emit.memory import predicted_peak
+from hogc.errors import MemoryBudgetError
 from hogc.ir import Program, verify
 
 from .fuse import fuse_einsums
 from .paths import contract_pairwise
 
-__all__ = ["run_pipeline", "optimization_pipeline", "VERIFY"]
+__all__ = ["run_pipeline", "optimization_pipeline", "schedule_to_budget", "VERIFY"]
 
 #: Run the IR verifier after every pass (the test suite sets HOGC_VERIFY=1).
 VERIFY = os.environ.get("HOGC_VERIFY", "0") not in ("", "0")
@@ -18,8 +20,40 @@ VERIFY = os.environ.get("HOGC_VERIFY", "0") not in ("", "0")
 Pass = Callable[[Program], Program]
 
 
-def optimization_pipeline(optimize: str = "auto") -> list[Pass]:
-    return [fuse_einsums, functools.partial(contract_pairwise, strategy=optimize)]
+def schedule_to_budget(program: Program, strategy: str = "auto", memory_budget: int | None = None,
+                       itemsize: int = 4) -> Program:
+    """Contract every network pairwise along ``strategy``'s path; with a ``memory_budget`` (bytes),
+    slice the networks until the predicted peak of the whole program fits.
+
+    The cap on each network's largest intermediate starts at the budget and halves until the
+    liveness analysis (``hogc.emit.memory.predicted_peak``) says the program fits.
+
+    Raises:
+        MemoryBudgetError: no slicing reaches the budget; says the smallest reachable peak.
+    """
+    plain = contract_pairwise(program, strategy, itemsize=itemsize)
+    if memory_budget is None:
+        return plain
+    best = (predicted_peak(plain, itemsize).peak, plain)
+    cap = float(memory_budget)
+    while best[0] > memory_budget and cap >= itemsize:
+        trial = contract_pairwise(program, strategy, cap, itemsize)
+        peak = predicted_peak(trial, itemsize).peak
+        if peak < best[0]:
+            best = (peak, trial)
+        cap /= 2
+    if best[0] > memory_budget:
+        raise MemoryBudgetError(
+            f"memory_budget={memory_budget} bytes cannot be met: the smallest reachable predicted peak is "
+            f"{best[0]} bytes (results and unsliceable intermediates); raise the budget to at least that")
+    return best[1]
+
+
+def optimization_pipeline(optimize: str = "auto", memory_budget: int | None = None, itemsize: int = 4) -> list[Pass]:
+    """fuse_einsums, then schedule_to_budget ('naive' keeps the operands as the passes wrote them)."""
+    return [functools.partial(fuse_einsums, merge_squares=optimize != "naive"),
+            functools.partial(schedule_to_budget, strategy=optimize, memory_budget=memory_budget,
+                              itemsize=itemsize)]
 
 
 def run_pipeline(program: Program, passes: Sequence[Pass], verify_each: bool | None = None,

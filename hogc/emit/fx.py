@@ -52,6 +52,26 @@ def _binary(g, node, args, gm):
     return _fn(g, _BIN[node.op], *args)
 
 
+def accumulators(program: Program) -> set[int]:
+    """ADD nodes that may run in place on their first operand: it is a fresh result (a pairwise
+    contraction or another accumulation) of the same shape, read by nothing else and not
+    returned. Summed slices then accumulate into one buffer."""
+    users: dict[int, int] = {}
+    for n in program.nodes:
+        for s in n.src:
+            users[s.uid] = users.get(s.uid, 0) + 1
+    outs = {o.uid for o in program.outputs.values()}
+    acc: set[int] = set()
+    for n in program.nodes:
+        if n.op is not Op.ADD:
+            continue
+        a, b = n.src
+        fresh = (a.op is Op.EINSUM and len(a.src) == 2) or a.uid in acc
+        if fresh and a is not b and a.shape == n.shape and users.get(a.uid) == 1 and a.uid not in outs:
+            acc.add(n.uid)
+    return acc
+
+
 #: a contraction over fewer elements than this, next to shared batch letters, runs as
 #: multiply-then-sum: torch.einsum would lower it to a bmm over tiny matrices.
 SMALL_CONTRACTION = 32
@@ -96,7 +116,8 @@ def _reduce_to(g, v, have: str, out: str):
     return v
 
 
-def _prefers_mul_sum(node: Node) -> bool:
+def prefers_mul_sum(node: Node) -> bool:
+    """Whether a pairwise einsum is emitted as broadcast multiply then sum (the memory model reads it)."""
     eq = node.arg
     if len(eq.inputs) != 2:
         return False
@@ -156,7 +177,7 @@ def _as_matmul(g, node, args):
 def _einsum(g, node, args, gm):
     if len(node.src) == 1:
         return _sum_permute(g, node, args)
-    if _prefers_mul_sum(node):
+    if prefers_mul_sum(node):
         return _mul_sum(g, node, args)
     if len(node.src) == 2:
         v = _as_matmul(g, node, args)
@@ -250,11 +271,15 @@ def emit(program: Program, inputs: list[tuple[str, str]]) -> torch.fx.GraphModul
     for role, name in inputs:
         safe = prefix.get(role, "") + "".join(c if c.isalnum() else "_" for c in name)
         ph[(role, name)] = g.placeholder(safe)
+    inplace = accumulators(program)
     for node in program.nodes:
         if node.op is Op.INPUT:
             env[node.uid] = ph[node.arg]
             continue
         args = [env[s.uid] for s in node.src]
+        if node.uid in inplace:
+            env[node.uid] = g.call_method("add_", tuple(args))
+            continue
         env[node.uid] = EMITTERS[node.op](g, node, args, root)
     outs = []
     for out in program.outputs.values():

@@ -37,6 +37,11 @@ class Program:
 
     outputs: Mapping[str, Node]
     nodes: tuple[Node, ...] = field(default=())
+    #: (result node, schedule record) for each contracted tensor network (set by contract_pairwise)
+    networks: tuple = field(default=())
+
+    def with_networks(self, networks) -> "Program":
+        return Program(self.outputs, self.nodes, tuple(networks))
 
     @staticmethod
     def of(outputs: Mapping[str, Node]) -> "Program":

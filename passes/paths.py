@@ -97,15 +97,48 @@ def _numel(s: str, sizes: dict[str, int]) -> int:
     return math.prod(sizes[c] for c in s)
 
 
+def _private(sa: str, sb: str, out: str) -> str:
+    """Letters of ``sa`` summed before the pairwise product: in neither ``sb`` nor ``out``."""
+    return "".join(c for c in dict.fromkeys(sa) if c not in sb and c not in out)
+
+
+def pair_flops(sa: str, sb: str, out: str, sizes: dict[str, int]) -> int:
+    """FLOPs of one pairwise step as ``_pair`` builds it: letters private to one operand are summed
+    first (one add per element), then the product (multiply-adds counted as 2)."""
+    flops = 0
+    for s, other in ((sa, sb), (sb, sa)):
+        if _private(s, other, out):
+            flops += _numel(s, sizes)
+    pa, pb = _private(sa, sb, out), _private(sb, sa, out)
+    ra = "".join(c for c in sa if c not in pa)
+    rb = "".join(c for c in sb if c not in pb)
+    return flops + 2 * _numel("".join(dict.fromkeys(ra + rb)), sizes)
+
+
 def _stats(inputs, output, sizes, path) -> tuple[int, int]:
     """(FLOPs, largest intermediate in elements) of a path; the network's result is not an intermediate."""
     flops, largest = 0, 0
     steps = network_steps(inputs, output, sizes, path)
     for k, (_, _, sa, sb, out) in enumerate(steps):
-        flops += 2 * _numel("".join(dict.fromkeys(sa + sb)), sizes)
+        flops += pair_flops(sa, sb, out, sizes)
         if k < len(steps) - 1:
             largest = max(largest, _numel(out, sizes))
     return flops, largest
+
+
+def _pair(sa: str, sb: str, out: str, a: Node, b: Node, metric, out_indices) -> Node:
+    """One pairwise einsum; a letter private to one operand is summed out of it first, so the
+    product never spans it (``sum_o g_no^2 * sum_i x_ni^2``, not a (n, o, i) product)."""
+    ops = []
+    for s, x, other in ((sa, a, sb), (sb, b, sa)):
+        priv = _private(s, other, out)
+        if priv:
+            kept = "".join(c for c in s if c not in priv)
+            x = B.einsum([s], kept, [x], metric=frozenset(metric) & set(priv))
+            s = kept
+        ops.append((s, x))
+    (sa, a), (sb, b) = ops
+    return B.einsum([sa, sb], out, [a, b], metric=metric, out_indices=out_indices)
 
 
 @dataclass(frozen=True)
@@ -179,7 +212,7 @@ def _build(eq: Einsum, ops: list[Node], path, out_indices) -> Node:
     for i, j, sa, sb, out in network_steps(eq.inputs, eq.output, sizes, path):
         a, b = ops[i], ops[j]
         last = len(ops) == 2
-        r = B.einsum([sa, sb], out, [a, b], metric=eq.metric, out_indices=out_indices if last else None)
+        r = _pair(sa, sb, out, a, b, eq.metric, out_indices if last else None)
         ops = [o for k, o in enumerate(ops) if k not in (i, j)] + [r]
         subs = [s for k, s in enumerate(subs) if k not in (i, j)] + [out]
     if len(ops) == 1 and (subs[0] != eq.output or ops[0].op is not Op.EINSUM):
@@ -256,7 +289,8 @@ def contract_pairwise(program: Program, strategy: str = "auto", cap_bytes: float
                 str(eq), legend, tuple(tuple(p) for p in path), flops * slices,
                 largest, item, tuple(f"{c}/{len(_chunks(sizes[c], p))}" for c, p in sorted(parts.items())),
                 slices, len(n2.src))))
-            if len(n2.src) > 2 or parts:
+            if len(n2.src) > 2 or parts or any(_private(a, b, eq.output) for a, b in
+                                                (eq.inputs, eq.inputs[::-1])):
                 n2 = _sliced(n2, path, parts) if parts else _build(eq, list(n2.src), path, n2.indices)
             records[-1] = (n2, records[-1][1])
         new[node.uid] = n2

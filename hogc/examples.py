@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["ResidualMLP", "MultipliedBranches", "SharedLinear", "SequenceMLP", "mnist_mlp", "EXAMPLES"]
+__all__ = ["ResidualMLP", "MultipliedBranches", "SharedLinear", "SequenceMLP", "mnist_mlp", "EXAMPLES", "PROBLEMS",
+           "load_problem"]
 
 
 class ResidualMLP(nn.Module):
@@ -69,3 +70,48 @@ def mnist_mlp(act=nn.ReLU) -> nn.Sequential:
 
 EXAMPLES = {"residual_mlp": ResidualMLP, "multiplied_branches": MultipliedBranches,
             "shared_linear": SharedLinear, "sequence_mlp": SequenceMLP, "mnist_mlp": mnist_mlp}
+
+
+def _classify(model_fn, shape, classes):
+    def make(batch: int):
+        g = torch.Generator().manual_seed(0)
+        torch.manual_seed(0)
+        model = model_fn()
+        x = torch.randn((batch,) + shape, generator=g)
+        y = torch.randint(0, classes, (batch,), generator=g)
+        return model, x, y, nn.CrossEntropyLoss()
+    return make
+
+
+#: Example problems by name for the CLI and benchmarks: ``PROBLEMS[name](batch)`` returns
+#: ``(model, x, y, loss)`` with seeded weights and data.
+PROBLEMS = {
+    "residual_mlp": _classify(lambda: ResidualMLP(d_in=32, width=64, d_out=10), (32,), 10),
+    "multiplied_branches": _classify(lambda: MultipliedBranches(d_in=32, width=64, d_out=10), (32,), 10),
+    "shared_linear": _classify(lambda: SharedLinear(d=64, d_out=10), (64,), 10),
+    "sequence_mlp": _classify(lambda: SequenceMLP(seq=8, d=256, width=256, d_out=10), (8, 256), 10),
+    "short_sequence_mlp": _classify(lambda: SequenceMLP(seq=4, d=64, width=64, d_out=10), (4, 64), 10),
+    "mnist_mlp": _classify(lambda: mnist_mlp(nn.Sigmoid), (784,), 10),
+    "linear": _classify(lambda: nn.Sequential(nn.Linear(256, 128)), (256,), 128),
+    "tanh_mlp": _classify(lambda: nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10)), (64,), 10),
+}
+
+
+def load_problem(name: str, batch: int):
+    """A built-in problem by name, or a user's ``module:callable`` (called with the batch size,
+    returning ``(model, x, y)`` or ``(model, x, y, loss)``)."""
+    if name in PROBLEMS:
+        return PROBLEMS[name](batch)
+    if ":" not in name:
+        raise ValueError(f"unknown model '{name}': use one of {sorted(PROBLEMS)} or 'module:callable'")
+    import importlib
+
+    mod, fn = name.split(":", 1)
+    try:
+        obj = getattr(importlib.import_module(mod), fn)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"cannot load '{name}': {e}") from e
+    out = obj(batch)
+    if not isinstance(out, tuple) or len(out) not in (3, 4):
+        raise ValueError(f"'{name}' must return (model, x, y) or (model, x, y, loss), got {type(out).__name__}")
+    return out if len(out) == 4 else (*out, nn.CrossEntropyLoss())

@@ -1,0 +1,6 @@
+"""``python -m hogc ...`` is the ``hogc`` command line."""
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,78 @@
+"""The ``hogc`` command line: ``hogc schedule`` benchmarks contraction schedules.
+
+    hogc schedule --model sequence_mlp --quantity sum_grad_squared \\
+        --optimize naive,greedy,dp,optimal --memory-budget none,50%,25% --plot schedules.png
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+__all__ = ["main"]
+
+
+def _schedule(args) -> int:
+    from .examples import load_problem
+    from .passes.paths import PATH_STRATEGIES
+    from .schedule import markdown_table, plot_rows, run_schedules
+
+    strategies = [s.strip() for s in args.optimize.split(",") if s.strip()]
+    unknown = [s for s in strategies if s not in PATH_STRATEGIES]
+    if unknown:
+        print(f"hogc schedule: unknown strategy {unknown[0]!r}; registered: {sorted(PATH_STRATEGIES)}",
+              file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        model, x, y, loss = load_problem(args.model, args.batch)
+    except ValueError as e:
+        print(f"hogc schedule: {e}", file=sys.stderr)
+        return 2
+    if args.device != "cpu":
+        model, x, y = model.to(args.device), x.to(args.device), y.to(args.device)
+    budgets = [b.strip() for b in args.memory_budget.split(",") if b.strip()] or ["none"]
+    rows = run_schedules(model, x, y, loss, args.quantity, strategies, budgets, args.repeat,
+                         progress=not args.quiet)
+    title = (f"`hogc schedule --model {args.model} --quantity {args.quantity} --batch {args.batch}` "
+             f"({x.device.type}, {torch.get_num_threads()} threads)")
+    table = markdown_table(rows, title)
+    print(table)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(table + "\n")
+    if args.plot and not plot_rows(rows, args.plot, f"{args.model}: {args.quantity}"):
+        print("hogc schedule: matplotlib is not installed; no plot written (pip install matplotlib)",
+              file=sys.stderr)
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="hogc", description="hogc: a higher-order graph compiler for PyTorch")
+    sub = ap.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("schedule", help="benchmark contraction schedules and memory budgets for one quantity")
+    s.add_argument("--model", required=True,
+                   help="a built-in problem (see hogc.examples.PROBLEMS) or module:callable returning "
+                        "(model, x, y[, loss]) for a batch size")
+    s.add_argument("--quantity", required=True, help="a quantity name, e.g. ggn_diag")
+    s.add_argument("--optimize", default="naive,greedy,dp,optimal", help="comma-separated path strategies")
+    s.add_argument("--memory-budget", default="none",
+                   help="comma-separated budgets: none, bytes (4MB, 1.5GiB) or a percentage of the unsliced "
+                        "measured peak (25%%)")
+    s.add_argument("--batch", type=int, default=32)
+    s.add_argument("--repeat", type=int, default=5, help="timed calls per configuration (median)")
+    s.add_argument("--threads", type=int, default=0)
+    s.add_argument("--device", default="cpu")
+    s.add_argument("--markdown", help="also write the table to this file")
+    s.add_argument("--plot", help="write a plot (png) of time and memory against strategy and budget")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = ap.parse_args(argv)
+    if args.command == "schedule":
+        return _schedule(args)
+    return 2  # pragma: no cover
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -238,7 +238,10 @@ def _sliced(node: Node, path, parts: dict[str, int]) -> Node:
             cut = [B.slice_(x, s.index(c), lo, hi) if c in s else x for s, x in zip(eq.inputs, ops)]
             results.append(rec(k + 1, cut))
         if c in eq.output:
-            return B.cat(results, eq.output.index(c))
+            d = eq.output.index(c)
+            idx = list(results[0].indices)
+            idx[d] = node.indices[d]  # the whole index again
+            return B.cat(results, d, indices=tuple(idx))
         total = results[0]
         for r in results[1:]:
             total = B.add(total, r)

@@ -25,8 +25,9 @@ def schedule_to_budget(program: Program, strategy: str = "auto", memory_budget: 
     """Contract every network pairwise along ``strategy``'s path; with a ``memory_budget`` (bytes),
     slice the networks until the predicted peak of the whole program fits.
 
-    The cap on each network's largest intermediate starts at the budget and halves until the
-    liveness analysis (``hogc.emit.memory.predicted_peak``) says the program fits.
+    The cap on each network's largest intermediate halves, starting from the largest one, until
+    the liveness analysis (``hogc.emit.memory.predicted_peak``) says the program fits, or three
+    halvings in a row bring no improvement.
 
     Raises:
         MemoryBudgetError: no slicing reaches the budget; says the smallest reachable peak.
@@ -35,12 +36,17 @@ def schedule_to_budget(program: Program, strategy: str = "auto", memory_budget: 
     if memory_budget is None:
         return plain
     best = (predicted_peak(plain, itemsize).peak, plain)
-    cap = float(memory_budget)
-    while best[0] > memory_budget and cap >= itemsize:
+    # caps halve from the largest intermediate: the same sequence whatever the budget, so a budget
+    # equal to the reported smallest reachable peak finds that schedule again
+    cap = max((rec.largest * rec.itemsize for _, rec in plain.networks), default=0) / 2
+    stale = 0
+    while best[0] > memory_budget and cap >= itemsize and stale < 3:
         trial = contract_pairwise(program, strategy, cap, itemsize)
         peak = predicted_peak(trial, itemsize).peak
         if peak < best[0]:
-            best = (peak, trial)
+            best, stale = (peak, trial), 0
+        else:
+            stale += 1
         cap /= 2
     if best[0] > memory_budget:
         raise MemoryBudgetError(

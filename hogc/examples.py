@@ -90,7 +90,7 @@ PROBLEMS = {
     "multiplied_branches": _classify(lambda: MultipliedBranches(d_in=32, width=64, d_out=10), (32,), 10),
     "shared_linear": _classify(lambda: SharedLinear(d=64, d_out=10), (64,), 10),
     "sequence_mlp": _classify(lambda: SequenceMLP(seq=8, d=256, width=256, d_out=10), (8, 256), 10),
-    "short_sequence_mlp": _classify(lambda: SequenceMLP(seq=4, d=64, width=64, d_out=10), (4, 64), 10),
+    "pair_sequence_mlp": _classify(lambda: SequenceMLP(seq=2, d=128, width=128, d_out=10), (2, 128), 10),
     "mnist_mlp": _classify(lambda: mnist_mlp(nn.Sigmoid), (784,), 10),
     "linear": _classify(lambda: nn.Sequential(nn.Linear(256, 128)), (256,), 128),
     "tanh_mlp": _classify(lambda: nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10)), (64,), 10),

@@ -8,14 +8,24 @@ from typing import Callable
 __all__ = ["median_time", "peak_memory"]
 
 
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def median_time(fn: Callable[[], object], repeat: int = 10, warmup: int = 1) -> float:
-    """Median wall time of ``fn()`` in seconds over ``repeat`` calls, after ``warmup`` calls."""
+    """Median wall time of ``fn()`` in seconds over ``repeat`` calls, after ``warmup`` calls
+    (CUDA work is synchronized before the clock stops)."""
     for _ in range(warmup):
         fn()
+    _sync()
     times = []
     for _ in range(repeat):
         t = time.perf_counter()
         fn()
+        _sync()
         times.append(time.perf_counter() - t)
     return statistics.median(times)
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -14,7 +15,8 @@ from hogc.passes.pipeline import optimization_pipeline, run_pipeline
 from .capture import capture
 from .capture.losses import check_class_range, check_target, loss_spec
 from .emit.fx import emit
-from .errors import HogcError, InputDtypeError, SampleMixingError
+from .emit.memory import predicted_peak
+from .errors import HogcError, InputDtypeError, MemoryBudgetError, SampleMixingError
 from .explain import Explanation, explain
 from .ir import Program, format_program
 from .quantities import derive, get_quantity
@@ -87,6 +89,7 @@ class CompiledFunction:
                 [("vector", k) for k, p in self.model.named_parameters() if p.requires_grad] + \
                 [("data", "x"), ("target", "y"), ("rng", "generator")]
         inputs = [i for i in order if i in used or i[0] in ("data", "target")]
+        _check_fits(program, x, self.optimize, self.memory_budget)
         gm = emit(program, inputs).to(x.device)  # captured constants follow the inputs
         classes = out.shape[1] if self.spec.kind == "cross_entropy" else None
         return _Specialization(program, unopt, gm, inputs, classes,
@@ -216,6 +219,32 @@ class CompiledFunction:
     def __repr__(self) -> str:
         return f"hogc.CompiledFunction(quantity={self.quantities if not self.single else self.quantities[0]!r}, " \
                f"loss={self.loss!r})"
+
+
+def _device_memory(device: torch.device) -> int | None:
+    """Total memory of the device the program runs on (physical RAM for the CPU), if known."""
+    try:
+        if device.type == "cuda":
+            return torch.cuda.mem_get_info(device)[1]
+        if device.type == "cpu":
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError, RuntimeError):
+        pass
+    return None
+
+
+def _check_fits(program, x: torch.Tensor, optimize: str, memory_budget: int | None) -> None:
+    """Refuse a program whose predicted peak exceeds the device's whole memory: it could only
+    crash (or be killed) at run time."""
+    total = _device_memory(x.device)
+    if total is None:
+        return
+    peak = predicted_peak(program, x.element_size()).peak
+    if peak > total:
+        raise MemoryBudgetError(
+            f"the compiled program's predicted peak memory is {peak / 2**30:.1f} GiB with optimize={optimize!r}, "
+            f"more than the {total / 2**30:.1f} GiB of the {x.device.type} device; use optimize='auto' or set "
+            f"memory_budget= (bytes) to slice the contractions")
 
 
 def compile(model: nn.Module, quantity: str | Sequence[str] = "ggn_diag", loss: nn.Module | None = None, *,

@@ -217,3 +217,15 @@ def test_cli_loads_module_callable_and_rejects_bad_input(capsys):
     assert "unknown strategy 'fastest'" in capsys.readouterr().err
     assert cli_main(["schedule", "--model", "no_such_model", "--quantity", "grad", "--quiet"]) == 2
     assert "unknown model 'no_such_model'" in capsys.readouterr().err
+
+
+def test_program_larger_than_the_device_is_refused(monkeypatch):
+    """A schedule whose predicted peak exceeds the device's memory fails at compile time with
+    advice, instead of being killed at run time."""
+    import hogc.api as api
+
+    model, x, y = _sequence()
+    monkeypatch.setattr(api, "_device_memory", lambda device: 100_000)
+    with pytest.raises(hogc.MemoryBudgetError, match=r"predicted peak memory is .* more than the 0.0 GiB of the "
+                                                     r"cpu device; use optimize='auto' or set memory_budget="):
+        hogc.compile(model, "sum_grad_squared", optimize="naive")(x, y)

@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.hogc-installed
 
-.PHONY: demo test bench env clean
+.PHONY: demo test bench schedules env clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/first_order.py --threads 2
+
+# contraction schedules and memory budgets: writes docs/schedules.md and docs/schedules.png
+schedules: $(STAMP)
+	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) benchmarks/schedules.py --threads 2
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -45,8 +45,12 @@ try:  # an optional extra: hyper-optimized contraction trees
     import cotengra as _ctg
 
     def _cotengra(inputs, output, size_dict, memory_limit=None):
+        import warnings
+
         opt = _ctg.HyperOptimizer(max_repeats=16, progbar=False)
-        return opt(inputs, output, size_dict)
+        with warnings.catch_warnings():  # letter sets are unordered; only the path is used
+            warnings.simplefilter("ignore", UserWarning)
+            return opt(inputs, output, size_dict)
 
     PATH_STRATEGIES["cotengra"] = _cotengra
 except ImportError:  # pragma: no cover - depends on the environment

@@ -229,3 +229,12 @@ def test_program_larger_than_the_device_is_refused(monkeypatch):
     with pytest.raises(hogc.MemoryBudgetError, match=r"predicted peak memory is .* more than the 0.0 GiB of the "
                                                      r"cpu device; use optimize='auto' or set memory_budget="):
         hogc.compile(model, "sum_grad_squared", optimize="naive")(x, y)
+
+
+def test_cotengra_strategy_when_installed():
+    pytest.importorskip("cotengra")
+    model, lf, x, y = CASES[5].data()
+    qs = ("batch_l2", "ggn_diag", "ggn_eigen")
+    ref = hogc.compile(model, qs, loss=lf, top_k=2)(x, y)
+    got = hogc.compile(model, qs, loss=lf, top_k=2, optimize="cotengra")(x, y)
+    _compare(got, ref, qs)

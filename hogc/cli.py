@@ -18,24 +18,39 @@ def _schedule(args) -> int:
     from .passes.paths import PATH_STRATEGIES
     from .schedule import markdown_table, plot_rows, run_schedules
 
+    from .errors import HogcError
+    from .quantities import get_quantity
+    from .schedule import parse_budget
+
     strategies = [s.strip() for s in args.optimize.split(",") if s.strip()]
     unknown = [s for s in strategies if s not in PATH_STRATEGIES]
+    if not strategies:
+        print("hogc schedule: --optimize names no strategy", file=sys.stderr)
+        return 2
     if unknown:
         print(f"hogc schedule: unknown strategy {unknown[0]!r}; registered: {sorted(PATH_STRATEGIES)}",
               file=sys.stderr)
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.repeat < 1 or args.batch < 1:
+        print("hogc schedule: --repeat and --batch must be at least 1", file=sys.stderr)
+        return 2
+    budgets = [b.strip() for b in args.memory_budget.split(",") if b.strip()] or ["none"]
     try:
+        get_quantity(args.quantity)
+        for b in budgets:
+            parse_budget(b, 1)
+        device = torch.device(args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device '{args.device}' is not available (torch.cuda.is_available() is False)")
         model, x, y, loss = load_problem(args.model, args.batch)
-    except ValueError as e:
+        model, x, y = model.to(device), x.to(device), y.to(device)
+        rows = run_schedules(model, x, y, loss, args.quantity, strategies, budgets, args.repeat,
+                             progress=not args.quiet)
+    except (ValueError, RuntimeError, HogcError) as e:
         print(f"hogc schedule: {e}", file=sys.stderr)
         return 2
-    if args.device != "cpu":
-        model, x, y = model.to(args.device), x.to(args.device), y.to(args.device)
-    budgets = [b.strip() for b in args.memory_budget.split(",") if b.strip()] or ["none"]
-    rows = run_schedules(model, x, y, loss, args.quantity, strategies, budgets, args.repeat,
-                         progress=not args.quiet)
     title = (f"`hogc schedule --model {args.model} --quantity {args.quantity} --batch {args.batch}` "
              f"({x.device.type}, {torch.get_num_threads()} threads)")
     table = markdown_table(rows, title)

@@ -106,7 +106,12 @@ def load_problem(name: str, batch: int):
         raise ValueError(f"unknown model '{name}': use one of {sorted(PROBLEMS)} or 'module:callable'")
     import importlib
 
+    import os
+    import sys
+
     mod, fn = name.split(":", 1)
+    if os.getcwd() not in sys.path and "" not in sys.path:  # console scripts do not put the cwd there
+        sys.path.insert(0, os.getcwd())
     try:
         obj = getattr(importlib.import_module(mod), fn)
     except (ImportError, AttributeError) as e:

@@ -44,11 +44,19 @@ def parse_budget(text: str, reference: int | None = None) -> int | None:
     if t.endswith("%"):
         if reference is None:
             raise ValueError(f"budget '{text}' is relative; no unsliced peak to take it of")
-        return max(1, int(float(t[:-1]) / 100 * reference))
-    m = re.fullmatch(r"([0-9.]+)\s*([kmg]i?b|b)?", t)
-    if not m:
-        raise ValueError(f"cannot read memory budget '{text}' (use e.g. none, 25%, 4MB, 1.5GiB, 1000000)")
-    return int(float(m.group(1)) * _UNITS[m.group(2) or ""])
+        try:
+            share = float(t[:-1])
+        except ValueError:
+            share = -1.0
+        if not 0 < share:
+            raise ValueError(f"cannot read memory budget '{text}': a percentage must be positive")
+        return max(1, int(share / 100 * reference))
+    m = re.fullmatch(r"([0-9]+(?:\.[0-9]*)?)\s*([kmg]i?b|b)?", t)
+    value = int(float(m.group(1)) * _UNITS[m.group(2) or ""]) if m else 0
+    if value < 1:
+        raise ValueError(f"cannot read memory budget '{text}': use none, a percentage (25%) or a positive "
+                         f"number of bytes (4MB, 1.5GiB, 1000000)")
+    return value
 
 
 def _call(fn, x, y, v):
@@ -77,6 +85,8 @@ def _vector(model, quantity):
 def _flat(result) -> list[torch.Tensor]:
     if isinstance(result, torch.Tensor):
         return [result]
+    if isinstance(result, (tuple, list)):  # Kronecker factors
+        return [t for v in result for t in _flat(v)]
     return [t for v in result.values() for t in _flat(v)]
 
 
@@ -111,13 +121,13 @@ def run_schedules(model, x, y, loss, quantity: str, strategies, budgets, repeat:
                 _progress(step, total, f"{strategy}, budget {budget}")
             step += 1
             if unsliced is None and budget.strip().lower() not in ("none", "", "inf"):
-                base = hogc_compile(model, quantity, loss, optimize=strategy)
+                base = hogc_compile(model, quantity, loss, optimize=strategy, seed=0)
                 _call(base, x, y, v)
                 unsliced = peak_memory(lambda: _call(base, x, y, v), device)
             nbytes = parse_budget(budget, unsliced)
             row = ScheduleRow(strategy, budget, nbytes)
             try:
-                fn = hogc_compile(model, quantity, loss, optimize=strategy, memory_budget=nbytes)
+                fn = hogc_compile(model, quantity, loss, optimize=strategy, memory_budget=nbytes, seed=0)
                 out = _call(fn, x, y, v)
             except MemoryBudgetError as e:
                 row.error = str(e)
@@ -156,8 +166,8 @@ def markdown_table(rows: list[ScheduleRow], title: str = "") -> str:
     for r in rows:
         budget = r.budget if r.budget_bytes is None else f"{r.budget} ({_mib(r.budget_bytes)} MiB)"
         if r.error:
-            reach = re.search(r"smallest reachable predicted peak is (\d+)", r.error)
-            why = f"cannot be met (smallest reachable {_mib(int(reach.group(1)))} MiB)" if reach else r.error
+            reach = re.search(r"at least (\d+) bytes", r.error)
+            why = f"cannot be met (needs at least {_mib(int(reach.group(1)))} MiB)" if reach else r.error
             lines.append(f"| {r.strategy} | {budget} | {why} | | | | | | | |")
             continue
         lines.append(f"| {r.strategy} | {budget} | {r.flops:.3g} | {r.derivative_flops:.3g} | {r.slices} | "

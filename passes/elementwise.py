@@ -187,6 +187,25 @@ def derivative(name: str, order: int) -> Callable:
     return f
 
 
+def _live_tensors(e: sp.Expr) -> int:
+    """Tensors alive at once while torch evaluates ``e`` bottom-up (a Sethi-Ullman count):
+    symbols and numbers are inputs or scalars; each operation's result is one new tensor."""
+    if not e.args or not (e.free_symbols & {x, y}):
+        return 0
+    needs = sorted((_live_tensors(c) for c in e.args), reverse=True)
+    held = sum(1 for n in needs if n)  # operands that are results of earlier operations
+    return max([held + 1] + [n + k for k, n in enumerate(needs) if n])
+
+
+@functools.lru_cache(maxsize=None)
+def temporaries(name: str, order: int) -> int:
+    """Temporary tensors (each the size of the result) the emitted derivative function holds
+    besides its result; the memory model adds them while the node runs."""
+    if order == 0:
+        return 0
+    return max(0, _live_tensors(derivative_expr(name, order)) - 1)
+
+
 def uses_output(name: str, order: int) -> bool:
     return order > 0 and derivative_expr(name, order).has(y)
 

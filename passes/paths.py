@@ -18,10 +18,12 @@ from hogc.ir import Node, Op, Program, build as B
 from hogc.ir.node import Einsum
 
 __all__ = ["contract_pairwise", "PATH_STRATEGIES", "register_path_strategy", "NetworkSchedule",
-           "network_steps", "MAX_SLICES"]
+           "network_steps", "MAX_SLICES", "OPTIMAL_MAX_OPERANDS"]
 
 #: The most chunks one network is cut into (the loop is unrolled into the program).
 MAX_SLICES = 256
+#: 'optimal' searches exhaustively up to this many operands and uses 'dp' beyond.
+OPTIMAL_MAX_OPERANDS = 8
 
 
 def _naive(inputs, output, size_dict, memory_limit=None):
@@ -66,6 +68,8 @@ def _path(eq: Einsum, shapes: tuple, strategy: str):
         return [(0, 1)] if len(shapes) == 2 else [(0,)]
     if opt == "auto" and len(shapes) <= 6:
         opt = "optimal"
+    elif opt == "optimal" and len(shapes) > OPTIMAL_MAX_OPERANDS:
+        opt = "dp"  # exhaustive search is factorial in the operands; dp is exact on connected networks
     if callable(opt):
         sizes = {}
         for s, shp in zip(eq.inputs, shapes):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
 from collections.abc import Callable, Sequence
 
@@ -12,12 +13,16 @@ from hogc.ir import Program, verify
 from .fuse import fuse_einsums
 from .paths import contract_pairwise
 
-__all__ = ["run_pipeline", "optimization_pipeline", "schedule_to_budget", "VERIFY"]
+__all__ = ["run_pipeline", "optimization_pipeline", "schedule_to_budget", "VERIFY", "HEADROOM"]
 
 #: Run the IR verifier after every pass (the test suite sets HOGC_VERIFY=1).
 VERIFY = os.environ.get("HOGC_VERIFY", "0") not in ("", "0")
 
 Pass = Callable[[Program], Program]
+
+#: A schedule is accepted when its predicted peak is at most this share of the budget: the
+#: allocator's rounding and the temporaries inside library calls are not in the memory model.
+HEADROOM = 0.9
 
 
 def schedule_to_budget(program: Program, strategy: str = "auto", memory_budget: int | None = None,
@@ -26,8 +31,8 @@ def schedule_to_budget(program: Program, strategy: str = "auto", memory_budget: 
     slice the networks until the predicted peak of the whole program fits.
 
     The cap on each network's largest intermediate halves, starting from the largest one, until
-    the liveness analysis (``hogc.emit.memory.predicted_peak``) says the program fits, or three
-    halvings in a row bring no improvement.
+    the liveness analysis (``hogc.emit.memory.predicted_peak``) says the program fits within
+    ``HEADROOM`` of the budget, or three halvings in a row bring no improvement.
 
     Raises:
         MemoryBudgetError: no slicing reaches the budget; says the smallest reachable peak.
@@ -35,12 +40,13 @@ def schedule_to_budget(program: Program, strategy: str = "auto", memory_budget: 
     plain = contract_pairwise(program, strategy, itemsize=itemsize)
     if memory_budget is None:
         return plain
+    limit = HEADROOM * memory_budget
     best = (predicted_peak(plain, itemsize).peak, plain)
     # caps halve from the largest intermediate: the same sequence whatever the budget, so a budget
     # equal to the reported smallest reachable peak finds that schedule again
     cap = max((rec.largest * rec.itemsize for _, rec in plain.networks), default=0) / 2
     stale = 0
-    while best[0] > memory_budget and cap >= itemsize and stale < 3:
+    while best[0] > limit and cap >= itemsize and stale < 3:
         trial = contract_pairwise(program, strategy, cap, itemsize)
         peak = predicted_peak(trial, itemsize).peak
         if peak < best[0]:
@@ -48,10 +54,12 @@ def schedule_to_budget(program: Program, strategy: str = "auto", memory_budget: 
         else:
             stale += 1
         cap /= 2
-    if best[0] > memory_budget:
+    if best[0] > limit:
+        need = int(math.ceil(best[0] / HEADROOM))
         raise MemoryBudgetError(
             f"memory_budget={memory_budget} bytes cannot be met: the smallest reachable predicted peak is "
-            f"{best[0]} bytes (results and unsliceable intermediates); raise the budget to at least that")
+            f"{best[0]} bytes (results and unsliceable intermediates); with {1 - HEADROOM:.0%} headroom for "
+            f"allocations the model does not see, raise the budget to at least {need} bytes")
     return best[1]
 
 

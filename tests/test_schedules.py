@@ -27,7 +27,8 @@ def _run(model, lf, x, y, **kw):
 
 
 def _smallest_reachable(err: hogc.MemoryBudgetError) -> int:
-    return int(re.search(r"smallest reachable predicted peak is (\d+) bytes", str(err)).group(1))
+    """The smallest budget the error says can be met."""
+    return int(re.search(r"raise the budget to at least (\d+) bytes", str(err)).group(1))
 
 
 FIRST = ("loss", "grad", "batch_grad", "batch_l2", "sum_grad_squared", "variance", "ggn_diag", "batch_ggn_diag",
@@ -128,7 +129,7 @@ def test_budget_slices_the_dominant_intermediate_and_is_met():
 def test_unreachable_budget_says_the_smallest_reachable_peak():
     model, x, y = _sequence()
     with pytest.raises(hogc.MemoryBudgetError, match=r"memory_budget=1000 bytes cannot be met: the smallest "
-                                                     r"reachable predicted peak is \d+ bytes") as info:
+                                                     r"reachable predicted peak is \d+ bytes.*at least \d+") as info:
         hogc.compile(model, "ggn_diag", memory_budget=1000)(x, y)
     reach = _smallest_reachable(info.value)
     fn = hogc.compile(model, "ggn_diag", memory_budget=reach)
@@ -164,15 +165,15 @@ def test_optimized_paths_need_five_times_fewer_flops_than_naive():
 
 def test_explain_reports_networks_paths_slices_and_peak():
     model, x, y = _sequence()
-    fn = hogc.compile(model, "sum_grad_squared", memory_budget=200_000)
+    fn = hogc.compile(model, "sum_grad_squared", memory_budget=400_000)
     fn(x, y)
     ex = fn.explain()
     net = max(ex.networks, key=lambda n: n.flops)
     assert net.equation.count(",") >= 3 and "->" in net.equation
     assert "^" in net.legend and "_" in net.legend and "n." in net.legend  # variances
     assert len(net.path) == net.equation.count(",")
-    assert net.slices > 1 and net.sliced and net.largest_bytes <= 200_000
-    assert 0 < ex.predicted_peak <= 200_000
+    assert net.slices > 1 and net.sliced and net.largest_bytes <= 400_000
+    assert 0 < ex.predicted_peak <= 0.9 * 400_000
     text = str(ex)
     assert "predicted peak memory" in text and net.equation in text and "memory_budget=" in text
 

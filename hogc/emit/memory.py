@@ -3,7 +3,8 @@
 Every node that allocates holds ``numel * itemsize`` bytes from its emission until its last
 reader ran (the emitted code drops references right after their last use); views (reshape,
 permute, expand, slice) and in-place accumulations alias their source and keep it alive. An einsum emitted as broadcast
-multiply-and-sum also holds its full product for the duration of the node. Inputs (parameters,
+multiply-and-sum also holds its full product for the duration of the node, and an elementwise
+derivative the temporaries of its expression (``elementwise.temporaries``). Inputs (parameters,
 data) are the caller's and are not counted; outputs live to the end.
 """
 from __future__ import annotations
@@ -12,6 +13,7 @@ import math
 from dataclasses import dataclass
 
 from hogc.ir import Node, Op, Program
+from hogc.passes import elementwise as E
 
 from .fx import accumulators, prefers_mul_sum
 
@@ -62,6 +64,8 @@ def predicted_peak(program: Program, itemsize: int = 4) -> MemoryEstimate:
             full = math.prod(sizes[c] for c in letters)
             if full > math.prod(n.shape):
                 transient = full * itemsize
+        elif n.op is Op.ELEMENTWISE:
+            transient = E.temporaries(n.arg[0], n.arg[1]) * size[n.uid]
         if live + transient > peak:
             peak, at = live + transient, k
         if size[n.uid] and last.get(n.uid, k) <= k:  # never read: dropped at once

@@ -139,10 +139,9 @@ def _sum_permute(g, node, args):
     return _reduce_to(g, args[0], node.arg.inputs[0], node.arg.output)
 
 
-def _as_matmul(g, node, args):
-    """A pairwise einsum with no batch letters and nothing summed on one side alone is a
-    matrix product: permute to (free, contracted) x (contracted, free), reshape, ``mm``.
-    Returns None if the einsum has another form."""
+def _matmul_form(node: Node):
+    """(free letters of a, free letters of b, contracted letters) if the pairwise einsum is a
+    matrix product (no batch letters, nothing summed on one side alone), else None."""
     (sa, sb), out = node.arg.inputs, node.arg.output
     if len(set(sa)) != len(sa) or len(set(sb)) != len(sb):
         return None
@@ -150,8 +149,19 @@ def _as_matmul(g, node, args):
     con = [c for c in sa if c in shared]
     if not con or any(c in out for c in shared) or any(c not in out for c in set(sa) ^ set(sb)):
         return None
+    return [c for c in sa if c not in shared], [c for c in sb if c not in shared], con
+
+
+def _as_matmul(g, node, args):
+    """A pairwise einsum with no batch letters and nothing summed on one side alone is a
+    matrix product: permute to (free, contracted) x (contracted, free), reshape, ``mm``.
+    Returns None if the einsum has another form."""
+    form = _matmul_form(node)
+    if form is None:
+        return None
+    (sa, sb), out = node.arg.inputs, node.arg.output
+    fa, fb, con = form
     sizes = _size(node)
-    fa, fb = [c for c in sa if c not in shared], [c for c in sb if c not in shared]
 
     def mat(v, s, first, second):
         perm = [s.index(c) for c in first + second]
@@ -171,6 +181,29 @@ def _as_matmul(g, node, args):
     if order != list(out):
         v = _fn(g, torch.permute, v, [order.index(c) for c in out])
     return v
+
+
+def einsum_transient(node: Node) -> int:
+    """Elements an EINSUM's emitted code allocates besides its result while it runs (the
+    memory model reads this): the full broadcast product of multiply-then-sum, operand copies
+    when a permutation must be flattened for ``mm``, and torch.einsum's operand copies."""
+    if len(node.src) == 1:
+        return 0
+    sizes = _size(node)
+    out = math.prod(node.shape)
+    (sa, sb), o = node.arg.inputs, node.arg.output
+    if prefers_mul_sum(node):
+        full = math.prod(sizes[c] for c in dict.fromkeys(sa + sb))
+        return full if full > out else 0
+    if len(node.src) == 2 and _matmul_form(node) is not None:
+        fa, fb, con = _matmul_form(node)
+        extra = 0
+        for s, first, second, x in ((sa, fa, con, node.src[0]), (sb, con, fb, node.src[1])):
+            perm = [s.index(c) for c in first + second]
+            if perm != list(range(len(s))) and (len(first) != 1 or len(second) != 1):
+                extra += math.prod(x.shape)
+        return extra
+    return sum(math.prod(x.shape) for x in node.src)
 
 
 @emitter(Op.EINSUM)

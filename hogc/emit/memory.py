@@ -3,7 +3,8 @@
 Every node that allocates holds ``numel * itemsize`` bytes from its emission until its last
 reader ran (the emitted code drops references right after their last use); views (reshape,
 permute, expand, slice) and in-place accumulations alias their source and keep it alive. An einsum emitted as broadcast
-multiply-and-sum also holds its full product for the duration of the node, and an elementwise
+multiply-and-sum also holds its full product for the duration of the node, a matrix product
+the operand copies its flattening needs (``fx.einsum_transient``), and an elementwise
 derivative the temporaries of its expression (``elementwise.temporaries``). Inputs (parameters,
 data) are the caller's and are not counted; outputs live to the end.
 """
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from hogc.ir import Node, Op, Program
 from hogc.passes import elementwise as E
 
-from .fx import accumulators, prefers_mul_sum
+from .fx import accumulators, einsum_transient
 
 __all__ = ["MemoryEstimate", "predicted_peak", "VIEW_OPS"]
 
@@ -56,14 +57,8 @@ def predicted_peak(program: Program, itemsize: int = 4) -> MemoryEstimate:
     for k, n in enumerate(nodes):
         live += size[n.uid]
         transient = 0
-        if n.op is Op.EINSUM and len(n.src) == 2 and prefers_mul_sum(n):
-            letters = dict.fromkeys("".join(n.arg.inputs))
-            sizes = {}
-            for s, x in zip(n.arg.inputs, n.src):
-                sizes.update(zip(s, x.shape))
-            full = math.prod(sizes[c] for c in letters)
-            if full > math.prod(n.shape):
-                transient = full * itemsize
+        if n.op is Op.EINSUM:
+            transient = einsum_transient(n) * itemsize
         elif n.op is Op.ELEMENTWISE:
             transient = E.temporaries(n.arg[0], n.arg[1]) * size[n.uid]
         if live + transient > peak:

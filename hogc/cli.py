@@ -31,17 +31,26 @@ def _schedule(args) -> int:
         print(f"hogc schedule: unknown strategy {unknown[0]!r}; registered: {sorted(PATH_STRATEGIES)}",
               file=sys.stderr)
         return 2
+    if args.repeat < 1 or args.batch < 1 or args.threads < 0:
+        print("hogc schedule: --repeat and --batch must be at least 1, --threads at least 0", file=sys.stderr)
+        return 2
+    if args.markdown:
+        try:
+            open(args.markdown, "a").close()  # fail now, not after the whole run
+        except OSError as e:
+            print(f"hogc schedule: cannot write --markdown {args.markdown}: {e.strerror}", file=sys.stderr)
+            return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.repeat < 1 or args.batch < 1:
-        print("hogc schedule: --repeat and --batch must be at least 1", file=sys.stderr)
-        return 2
     budgets = [b.strip() for b in args.memory_budget.split(",") if b.strip()] or ["none"]
     try:
         get_quantity(args.quantity)
         for b in budgets:
             parse_budget(b, 1)
-        device = torch.device(args.device)
+        try:
+            device = torch.device(args.device)
+        except RuntimeError:
+            raise ValueError(f"unknown device '{args.device}' (e.g. cpu, cuda, cuda:1)") from None
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"device '{args.device}' is not available (torch.cuda.is_available() is False)")
         model, x, y, loss = load_problem(args.model, args.batch)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from .emit.memory import predicted_peak
 from .ir import Einsum, Op, Program
 from .ir.index import fmt_indices
+from .passes.paths import einsum_flops
 
 __all__ = ["Explanation", "Contraction", "Network", "explain"]
 
@@ -101,12 +102,8 @@ def explain(program: Program, strategies: dict[str, str] | None = None, itemsize
         if node.op is not Op.EINSUM:
             continue
         eq: Einsum = node.arg
-        sizes: dict[str, int] = {}
-        for s, x in zip(eq.inputs, node.src):
-            sizes.update(zip(s, x.shape))
-        work = math.prod(sizes.values())
-        flops = work if len(node.src) == 1 else 2 * work
-        out.append(Contraction(f"%{k}", str(eq), fmt_indices(node.indices), flops, math.prod(node.shape)))
+        out.append(Contraction(f"%{k}", str(eq), fmt_indices(node.indices), einsum_flops(node),
+                               math.prod(node.shape)))
     nets = []
     for node, rec in program.networks:
         if id(node) not in pos or (rec.operands <= 2 and rec.slices == 1):

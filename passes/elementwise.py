@@ -7,6 +7,7 @@ the test suite picks it up automatically and checks every order against torch.fu
 """
 from __future__ import annotations
 
+import ast
 import functools
 from dataclasses import dataclass
 from typing import Callable
@@ -187,23 +188,40 @@ def derivative(name: str, order: int) -> Callable:
     return f
 
 
-def _live_tensors(e: sp.Expr) -> int:
-    """Tensors alive at once while torch evaluates ``e`` bottom-up (a Sethi-Ullman count):
-    symbols and numbers are inputs or scalars; each operation's result is one new tensor."""
-    if not e.args or not (e.free_symbols & {x, y}):
-        return 0
-    needs = sorted((_live_tensors(c) for c in e.args), reverse=True)
-    held = sum(1 for n in needs if n)  # operands that are results of earlier operations
-    return max([held + 1] + [n + k for k, n in enumerate(needs) if n])
+def _tensor_valued(node: ast.AST) -> bool:
+    return any(isinstance(n, ast.Name) and n.id in ("x", "y") for n in ast.walk(node))
+
+
+def _live_tensors(node: ast.AST) -> int:
+    """Tensors alive at once while Python evaluates the emitted expression ``node`` left to right:
+    names and numbers are inputs or scalars; every operation makes one new tensor, ``c / t`` two
+    (torch computes it as ``t.reciprocal() * c``); an operand stays alive until its operation ran."""
+    if isinstance(node, (ast.Name, ast.Constant)) or not _tensor_valued(node):
+        return 0  # an input, a number, or arithmetic on numbers and parameters
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "new_full":
+        return 0  # a 0-d scalar tensor
+    kids = [c for c in ast.iter_child_nodes(node) if isinstance(c, ast.expr)]
+    if isinstance(node, ast.Call):
+        kids = list(node.args)
+    peak, held = 0, 0
+    for c in kids:  # Python evaluates operands left to right, holding each result
+        n = _live_tensors(c)
+        peak = max(peak, held + n)
+        held += 1 if n else 0
+    own = 2 if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Div) and not _tensor_valued(node.left) \
+        else 1
+    return max(peak, held + own)
 
 
 @functools.lru_cache(maxsize=None)
 def temporaries(name: str, order: int) -> int:
     """Temporary tensors (each the size of the result) the emitted derivative function holds
-    besides its result; the memory model adds them while the node runs."""
+    besides its result, counted on its source; the memory model adds them while the node runs."""
     if order == 0:
         return 0
-    return max(0, _live_tensors(derivative_expr(name, order)) - 1)
+    src = derivative(name, order).hogc_source
+    expr = ast.parse(src).body[0].body[0].value
+    return max(0, _live_tensors(expr) - 1)
 
 
 def uses_output(name: str, order: int) -> bool:

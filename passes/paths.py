@@ -7,6 +7,7 @@ sliced indices) is recorded on the resulting program for ``fn.explain()``.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from hogc.ir import Node, Op, Program, build as B
 from hogc.ir.node import Einsum
 
 __all__ = ["contract_pairwise", "PATH_STRATEGIES", "register_path_strategy", "NetworkSchedule",
-           "network_steps", "MAX_SLICES", "OPTIMAL_MAX_OPERANDS"]
+           "network_steps", "einsum_flops", "MAX_SLICES", "OPTIMAL_MAX_OPERANDS"]
 
 #: The most chunks one network is cut into (the loop is unrolled into the program).
 MAX_SLICES = 256
@@ -123,6 +124,34 @@ def pair_flops(sa: str, sb: str, out: str, sizes: dict[str, int]) -> int:
     return flops + 2 * _numel("".join(dict.fromkeys(ra + rb)), sizes)
 
 
+def einsum_flops(node: Node) -> int:
+    """FLOPs of one emitted EINSUM node: a single-operand sum reads every element once; a pairwise
+    product spans the union of its letters (multiply-adds counted as 2)."""
+    sizes: dict[str, int] = {}
+    for s, x in zip(node.arg.inputs, node.src):
+        sizes.update(zip(s, x.shape))
+    work = math.prod(sizes.values())
+    return work if len(node.src) == 1 else 2 * work
+
+
+def _built_flops(result: Node, operands) -> int:
+    """FLOPs of the einsums that build ``result`` from ``operands`` (each distinct node once: chunks
+    as they are, contractions shared by hash-consing counted once)."""
+    stop = {id(x) for x in operands}
+    seen: set[int] = set()
+    flops = 0
+    stack = [result]
+    while stack:
+        n = stack.pop()
+        if id(n) in seen or id(n) in stop:
+            continue
+        seen.add(id(n))
+        if n.op is Op.EINSUM:
+            flops += einsum_flops(n)
+        stack.extend(n.src)
+    return flops
+
+
 def _stats(inputs, output, sizes, path) -> tuple[int, int]:
     """(FLOPs, largest intermediate in elements) of a path; the network's result is not an intermediate."""
     flops, largest = 0, 0
@@ -156,7 +185,7 @@ class NetworkSchedule:
     equation: str  # letters, e.g. "ab,cb->ac"
     legend: str  # each letter's index with its variance, e.g. "a=n.8 b=h0^5 c=h1^4"
     path: tuple[tuple[int, int], ...]  # opt_einsum convention (operands then results appended)
-    flops: int  # over all slices, multiply-adds counted as 2
+    flops: int  # of the einsums as built (all chunks; contractions shared by hash-consing once)
     largest: int  # largest intermediate of one slice, elements
     itemsize: int
     sliced: tuple[str, ...]  # "letter=index/chunks" for each sliced letter
@@ -297,13 +326,15 @@ def contract_pairwise(program: Program, strategy: str = "auto", cap_bytes: float
             flops, largest = _stats(eq.inputs, eq.output, sl_sizes, path)
             legend = _letter_legend(eq, n2.src)
             records.append((n2, NetworkSchedule(
-                str(eq), legend, tuple(tuple(p) for p in path), flops * slices,
+                str(eq), legend, tuple(tuple(p) for p in path), flops,
                 largest, item, tuple(f"{c}/{len(_chunks(sizes[c], p))}" for c, p in sorted(parts.items())),
                 slices, len(n2.src))))
+            operands = n2.src
             if len(n2.src) > 2 or parts or any(_private(a, b, eq.output) for a, b in
                                                 (eq.inputs, eq.inputs[::-1])):
                 n2 = _sliced(n2, path, parts) if parts else _build(eq, list(n2.src), path, n2.indices)
-            records[-1] = (n2, records[-1][1])
+            rec = dataclasses.replace(records[-1][1], flops=_built_flops(n2, operands))
+            records[-1] = (n2, rec)
         new[node.uid] = n2
     out = Program.of({k: new[v.uid] for k, v in program.outputs.items()})
     return out.with_networks(records)

@@ -191,7 +191,7 @@ def einsum_transient(node: Node) -> int:
         return 0
     sizes = _size(node)
     out = math.prod(node.shape)
-    (sa, sb), o = node.arg.inputs, node.arg.output
+    sa, sb = node.arg.inputs
     if prefers_mul_sum(node):
         full = math.prod(sizes[c] for c in dict.fromkeys(sa + sb))
         return full if full > out else 0

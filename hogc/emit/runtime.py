@@ -49,9 +49,9 @@ def loss_sqrt_hessian(f: torch.Tensor, y: torch.Tensor, kind: str, reduction: st
         # d2l/df2 = diag(p) - p p^T = S S^T with S = diag(sqrt p) - p sqrt(p)^T
         p = torch.softmax(f, dim=1)
         sp = p.sqrt()
-        S = -(p.unsqueeze(1) * sp.unsqueeze(2))  # (N, c, o): -p_o sqrt(p_c)
-        S.diagonal(dim1=1, dim2=2).add_(sp)
-        return S.permute(1, 0, 2).mul_(r)
+        S = (sp.t().contiguous().unsqueeze(2) * p.unsqueeze(0)).neg_()  # (c, N, o): -sqrt(p_c) p_o, contiguous
+        S.diagonal(dim1=0, dim2=2).add_(sp)
+        return S.mul_(r)
     flat = f.reshape(N, -1)
     C = flat.shape[1]
     if kind == "mse":

@@ -151,11 +151,18 @@ def einsum(inputs: Sequence[str], output: str, operands: Sequence[Node], metric=
     if any(_is_delta(x) for x in operands):
         operands, metric = list(operands), set(metric)
         _eliminate_deltas(inputs, output, operands, metric)
-    inputs = tuple(inputs)
     metric = frozenset(metric) & frozenset("".join(inputs))
     if len(operands) == 1 and inputs[0] == output and not metric:
         return operands[0]
-    return Node(Op.EINSUM, tuple(operands), Einsum(inputs, output, metric), tuple(out_indices), where)
+    # canonical letters (a, b, c, ... in order of first appearance): equal contractions written
+    # with different dummy letters become one hash-consed node
+    order = dict.fromkeys("".join(inputs) + output)
+    if len(order) <= 52:
+        canon = dict(zip(order, letters(len(order))))
+        inputs = ["".join(canon[c] for c in t) for t in inputs]
+        output = "".join(canon[c] for c in output)
+        metric = frozenset(canon[c] for c in metric)
+    return Node(Op.EINSUM, tuple(operands), Einsum(tuple(inputs), output, metric), tuple(out_indices), where)
 
 
 def sum_dims(x: Node, dims: Sequence[int], where=None) -> Node:

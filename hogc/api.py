@@ -40,12 +40,14 @@ class CompiledFunction:
 
     def __init__(self, model: nn.Module, quantities: Sequence[str], single: bool, loss: nn.Module,
                  mc_samples: int, seed: int | None, generator: torch.Generator | None, optimize: str,
-                 verify: bool | None, top_k: int = 1, memory_budget: int | None = None):
+                 verify: bool | None, top_k: int = 1, memory_budget: int | None = None,
+                 partition: list[list[str]] | None = None, direction: dict | None = None):
         self.model, self.quantities, self.single = model, tuple(quantities), single
         self.loss, self.spec = loss, loss_spec(loss)
         self.mc_samples, self.seed, self.generator = mc_samples, seed, generator
         self.optimize, self.verify, self.top_k = optimize, verify, top_k
         self.memory_budget = memory_budget
+        self.partition, self.direction = partition, direction
         self.takes_vector = any(get_quantity(q).takes_vector for q in self.quantities)
         self._cache: dict[tuple, _Specialization] = {}
         self._last: _Specialization | None = None
@@ -79,7 +81,8 @@ class CompiledFunction:
                                     f"axis; the sample axis {where}")
         shapes = {k: tuple(p.shape) for k, p in self.model.named_parameters() if p.requires_grad}
         notes: dict[str, str] = {}
-        unopt = derive(forward, self.quantities, self.spec, x.dtype, shapes, self.mc_samples, self.top_k, notes)
+        unopt = derive(forward, self.quantities, self.spec, x.dtype, shapes, self.mc_samples, self.top_k, notes,
+                       self.partition, self.direction is not None)
         passes = optimization_pipeline(self.optimize, self.memory_budget, x.element_size())
         program = run_pipeline(unopt, passes, self.verify)
         used = {n.arg for n in program.inputs()}
@@ -87,6 +90,7 @@ class CompiledFunction:
                 [("buffer", k) for k, p in self.model.named_parameters() if not p.requires_grad] + \
                 [("buffer", k) for k, _ in self.model.named_buffers()] + \
                 [("vector", k) for k, p in self.model.named_parameters() if p.requires_grad] + \
+                [("direction", k) for k, p in self.model.named_parameters() if p.requires_grad] + \
                 [("data", "x"), ("target", "y"), ("rng", "generator")]
         inputs = [i for i in order if i in used or i[0] in ("data", "target")]
         _check_fits(program, x, self.optimize, self.memory_budget)
@@ -134,13 +138,16 @@ class CompiledFunction:
             values.update(self._vector(v, named))
         elif v is not None:
             raise HogcError(f"a vector v was given, but none of {self.quantities} takes one (hvp and ggnvp do)")
+        if self.direction is not None:
+            values.update({("direction", k): t for (_, k), t in
+                           self._vector(self.direction, named, "the direction", partial=True).items()})
         if ("rng", "generator") in spec.inputs:
             values[("rng", "generator")] = self._rng(x.device, generator)
         with torch.no_grad():
             flat = spec.gm(*[values[i] for i in spec.inputs])
         return self._assemble(flat, spec)
 
-    def _vector(self, v, named) -> dict:
+    def _vector(self, v, named, what: str = "the vector v", partial: bool = False) -> dict:
         names = [q for q in self.quantities if get_quantity(q).takes_vector]
         if not isinstance(v, dict):
             raise HogcError(f"{', '.join(names)} needs a vector: call fn(x, y, v) with v a dict keyed like the "
@@ -150,15 +157,17 @@ class CompiledFunction:
             if not p.requires_grad:
                 continue
             if k not in v:
-                raise HogcError(f"the vector v has no entry '{k}' (it needs one per trainable parameter)")
+                if partial:
+                    continue
+                raise HogcError(f"{what} has no entry '{k}' (it needs one per trainable parameter)")
             if tuple(v[k].shape) != tuple(p.shape):
-                raise HogcError(f"v['{k}'] has shape {tuple(v[k].shape)}, the parameter {tuple(p.shape)}")
+                raise HogcError(f"{what}['{k}'] has shape {tuple(v[k].shape)}, the parameter {tuple(p.shape)}")
             if v[k].dtype != p.dtype:
-                raise InputDtypeError(f"v['{k}'] has dtype {v[k].dtype}, the parameter {p.dtype}")
+                raise InputDtypeError(f"{what}['{k}'] has dtype {v[k].dtype}, the parameter {p.dtype}")
             out[("vector", k)] = v[k]
         extra = set(v) - {k for k, p in named if p.requires_grad}
         if extra:
-            raise HogcError(f"the vector v has entries for unknown or frozen parameters: {sorted(extra)}")
+            raise HogcError(f"{what} has entries for unknown or frozen parameters: {sorted(extra)}")
         return out
 
     def _rng(self, device, generator):
@@ -250,7 +259,8 @@ def _check_fits(program, x: torch.Tensor, optimize: str, memory_budget: int | No
 def compile(model: nn.Module, quantity: str | Sequence[str] = "ggn_diag", loss: nn.Module | None = None, *,
             mc_samples: int = 1, seed: int | None = None, generator: torch.Generator | None = None,
             optimize: str = "auto", memory_budget: int | None = None, verify: bool | None = None,
-            top_k: int = 1) -> CompiledFunction:
+            top_k: int = 1, partition=None, direction: dict | None = None,
+            allow_partial: bool = False) -> CompiledFunction:
     """Compile derivative quantities of ``loss(model(x), y)``.
 
     Args:
@@ -263,6 +273,11 @@ def compile(model: nn.Module, quantity: str | Sequence[str] = "ggn_diag", loss: 
         generator: a ``torch.Generator`` to draw from (also accepted per call).
         optimize: contraction-path strategy ('auto', 'naive', 'greedy', 'optimal', 'dp'; 'cotengra'
             when installed). 'naive' contracts in the order the passes wrote.
+        partition: for ``partition_*`` quantities: a list of lists of parameter names, ``'module'``
+            (one subset per module) or ``'parameter'`` (one per parameter tensor; the default).
+        direction: the direction u of the partition quantities, a dict keyed like the covered
+            parameters (default: the gradient at the same point).
+        allow_partial: a partition may leave parameters out.
         memory_budget: bytes; slice contractions (loop over indices, summing or concatenating the
             chunks) until the predicted peak memory of the program fits (``fn.explain()`` shows it).
         verify: run the IR verifier after every pass (default: ``HOGC_VERIFY`` env var).
@@ -293,5 +308,48 @@ def compile(model: nn.Module, quantity: str | Sequence[str] = "ggn_diag", loss: 
     if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(memory_budget, int)
                                       or memory_budget <= 0):
         raise HogcError(f"memory_budget must be a positive number of bytes (int), got {memory_budget!r}")
+    parts = None
+    if any(q.startswith("partition_") for q in names):
+        parts = resolve_partition(model, "parameter" if partition is None else partition, allow_partial)
+        if direction is not None and any(get_quantity(q).takes_vector for q in names):
+            raise HogcError("direction= and a quantity taking a vector v cannot be compiled together")
+        if direction is not None and not isinstance(direction, dict):
+            raise HogcError(f"direction must be a dict keyed like the parameters, got {type(direction).__name__}")
+        if direction is not None:
+            covered = {k for s_ in parts for k in s_}
+            missing = covered - set(direction)
+            if missing:
+                raise HogcError(f"direction has no entry for {sorted(missing)} (one per parameter of the partition)")
+    elif partition is not None or direction is not None:
+        raise HogcError("partition= and direction= only apply to the partition_* quantities")
     return CompiledFunction(model, names, single, loss if loss is not None else nn.CrossEntropyLoss(),
-                            mc_samples, seed, generator, optimize, verify, top_k, memory_budget)
+                            mc_samples, seed, generator, optimize, verify, top_k, memory_budget, parts, direction)
+
+
+def resolve_partition(model: nn.Module, partition, allow_partial: bool = False) -> list[list[str]]:
+    """The subsets of trainable parameter names; checks names, overlaps and coverage."""
+    names = [k for k, p in model.named_parameters() if p.requires_grad]
+    if partition == "parameter":
+        return [[k] for k in names]
+    if partition == "module":
+        groups: dict[str, list[str]] = {}
+        for k in names:
+            groups.setdefault(k.rpartition(".")[0], []).append(k)
+        return list(groups.values())
+    if isinstance(partition, str) or not isinstance(partition, (list, tuple)) or \
+            not all(isinstance(s_, (list, tuple)) and s_ for s_ in partition) or not partition:
+        raise HogcError(f"partition must be 'module', 'parameter' or a non-empty list of non-empty lists of "
+                        f"parameter names, got {partition!r}")
+    seen: dict[str, int] = {}
+    for j, subset in enumerate(partition):
+        for k in subset:
+            if k not in names:
+                raise HogcError(f"partition subset {j} names '{k}', which is not a trainable parameter; "
+                                f"parameters: {names}")
+            if k in seen:
+                raise HogcError(f"partition subsets {seen[k]} and {j} overlap in '{k}'")
+            seen[k] = j
+    left = [k for k in names if k not in seen]
+    if left and not allow_partial:
+        raise HogcError(f"partition leaves out {left}; pass allow_partial=True to allow that")
+    return [list(s_) for s_ in partition]

@@ -300,7 +300,7 @@ def emit(program: Program, inputs: list[tuple[str, str]]) -> torch.fx.GraphModul
     root = torch.nn.Module()
     env: dict[int, object] = {}
     ph = {}
-    prefix = {"param": "p_", "buffer": "b_", "vector": "v_"}  # names like "0.weight" are not identifiers
+    prefix = {"param": "p_", "buffer": "b_", "vector": "v_", "direction": "d_"}  # names like "0.weight" are not identifiers
     for role, name in inputs:
         safe = prefix.get(role, "") + "".join(c if c.isalnum() else "_" for c in name)
         ph[(role, name)] = g.placeholder(safe)

@@ -33,6 +33,8 @@ class DerivativeBuilder:
                  rng: Node | None = None, mc_samples: int = 1, top_k: int = 1):
         self.output, self.target, self.params, self.spec, self.dtype = output, target, params, spec, dtype
         self.rng, self.mc_samples, self.top_k = rng, mc_samples, top_k
+        self.partition: list[list[str]] | None = None  # subsets of parameter names (partition quantities)
+        self.direction_given = False  # partition direction: INPUTs of role 'direction' (else the gradient)
         self.N = output.shape[output.sample_axis()]
         self.sample = output.indices[output.sample_axis()]
         self.notes: dict[str, str] = {}  # quantity -> the strategy chosen and why (fn.explain())
@@ -133,7 +135,8 @@ class DerivativeBuilder:
 
 def derive(forward: Program, quantities: Sequence[str], spec: LossSpec, dtype: torch.dtype,
            param_shapes: dict[str, tuple[int, ...]], mc_samples: int = 1, top_k: int = 1,
-           notes: dict[str, str] | None = None) -> Program:
+           notes: dict[str, str] | None = None, partition: list[list[str]] | None = None,
+           direction_given: bool = False) -> Program:
     """The derivative program: forward program (indices inferred) -> one output per quantity and
     parameter (``"grad/0.weight"``) or per quantity (``"loss"``). Quantities share nodes.
 
@@ -148,6 +151,7 @@ def derive(forward: Program, quantities: Sequence[str], spec: LossSpec, dtype: t
     target = B.inp("target", "y", (out.indices[0],) if spec.kind == "cross_entropy" else out.indices)
     rng = B.inp("rng", "generator", ())
     builder = DerivativeBuilder(out, target, params, spec, dtype, rng, mc_samples, top_k)
+    builder.partition, builder.direction_given = partition, direction_given
     outputs: dict[str, Node] = {}
     for qname in quantities:
         q = get_quantity(qname)

@@ -180,6 +180,17 @@ def _loss_grad(node, tangents):
     return B.einsum([cc + O, s + O, cc + P], s + P, [S, t, S], out_indices=(t.indices[0],) + node.indices)
 
 
+@defjvp(Op.LOSS_SQRT_HESSIAN)
+def _loss_sqrt_hessian(node, tangents):
+    """The square root's own directional derivative (closed forms per loss, in the runtime): what a
+    second forward push through a Hessian-vector program needs (third derivatives)."""
+    t = tangents[0]
+    if t is None:
+        return None
+    f, y = node.src
+    return Node(Op.LOSS_SQRT_HESSIAN_JVP, (f, y, t), node.arg, (t.indices[0],) + node.indices)
+
+
 @defjvp(Op.LOSS)
 def _loss(node, tangents):
     t = tangents[0]

@@ -49,7 +49,8 @@ defresidual("zero", Op.INPUT, Op.CONST, Op.ADD, Op.SUB, Op.SUM, Op.RESHAPE, Op.P
             Op.PAD, Op.INDEX, Op.INDEX_ADD, Op.CAT)()
 defresidual("cross", Op.MUL, Op.EINSUM)()
 defresidual("curved", Op.DIV)()
-defresidual("loss", Op.LOSS, Op.LOSS_GRAD, Op.LOSS_SQRT_HESSIAN, Op.LOSS_SQRT_HESSIAN_MC, Op.EIGVALSH)()
+defresidual("loss", Op.LOSS, Op.LOSS_GRAD, Op.LOSS_SQRT_HESSIAN, Op.LOSS_SQRT_HESSIAN_MC,
+            Op.LOSS_SQRT_HESSIAN_JVP, Op.EIGVALSH)()
 
 
 @defresidual("diagonal", Op.ELEMENTWISE)

@@ -144,7 +144,17 @@ def _derivative_examples():
         "ELEMENTWISE_order2": lambda: B.elementwise("softplus", 2, (1.0, 20.0), a),
         "LOSS_GRAD": lambda: Node(Op.LOSS_GRAD, (f, y), spec, tuple(i.dual() for i in f.indices)),
         "LOSS": lambda: Node(Op.LOSS, (f, y), spec, ()),
+        "LOSS_SQRT_HESSIAN": lambda: _sqrt_hessian(f, y, spec),
+        "LOSS_SQRT_HESSIAN_bce_sum": lambda: _sqrt_hessian(f, y, LossSpec("bce_with_logits", "sum")),
+        "LOSS_SQRT_HESSIAN_mse_mean": lambda: _sqrt_hessian(f, y, LossSpec("mse", "mean")),
     }
+
+
+def _sqrt_hessian(f, y, spec):
+    from hogc.passes.jvp_rules import num_columns
+
+    c = Index("c", num_columns(spec, f.shape), "column", Variance.BATCH)
+    return Node(Op.LOSS_SQRT_HESSIAN, (f, y), spec, (c,) + tuple(i.dual() for i in f.indices))
 
 
 JVP_EXAMPLES = {op.name: fn for op, fn in EXAMPLES.items()} | _derivative_examples()
@@ -183,7 +193,7 @@ def test_every_differentiable_op_has_a_jvp_rule():
     from hogc.passes.jvp_rules import jvp_rules
 
     missing = [op.name for op in Op if op not in jvp_rules and op not in LEAF_OPS | TERMINAL_OPS
-               and op not in (Op.LOSS_SQRT_HESSIAN, Op.LOSS_SQRT_HESSIAN_MC)]
+               and op not in (Op.LOSS_SQRT_HESSIAN_JVP, Op.LOSS_SQRT_HESSIAN_MC)]
     assert not missing, f"ops without a forward-mode rule: {missing}"
     covered = {op for op in jvp_rules if op.name in JVP_EXAMPLES or op.name in {"ELEMENTWISE"}}
     assert covered == set(jvp_rules), f"add forward-mode examples for {set(jvp_rules) - covered}"
@@ -197,9 +207,11 @@ def test_missing_forward_rule_names_the_op():
     f = _inp("a", (3,))
     y = B.inp("target", "y", (_n,))
     c = Index("c", 3, "column", Variance.BATCH)
-    sq = Node(Op.LOSS_SQRT_HESSIAN, (f, y), LossSpec("cross_entropy", "mean"), (c,) + tuple(i.dual() for i in f.indices))
+    t0 = B.inp("data", "t0", (_s,) + f.indices)
+    sq = Node(Op.LOSS_SQRT_HESSIAN_JVP, (f, y, t0), LossSpec("cross_entropy", "mean"),
+              (_s, c) + tuple(i.dual() for i in f.indices))
     t = B.inp("data", "t", (_s,) + f.indices)
-    with pytest.raises(MissingRuleError, match="LOSS_SQRT_HESSIAN"):
+    with pytest.raises(MissingRuleError, match="LOSS_SQRT_HESSIAN_JVP"):
         push_forward({"sq": sq}, {f.uid: t})
 
 

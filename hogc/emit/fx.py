@@ -273,6 +273,11 @@ def _loss_sqrt(g, node, args, gm):
     return _fn(g, R.loss_sqrt_hessian, *args, node.arg.kind, node.arg.reduction)
 
 
+@emitter(Op.LOSS_SQRT_HESSIAN_JVP)
+def _loss_sqrt_jvp(g, node, args, gm):
+    return _fn(g, R.loss_sqrt_hessian_jvp, *args, node.arg.kind, node.arg.reduction)
+
+
 @emitter(Op.LOSS_SQRT_HESSIAN_MC)
 def _loss_mc(g, node, args, gm):
     spec, m = node.arg

@@ -12,7 +12,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["top_eigenvalues", "loss_value", "loss_grad", "loss_sqrt_hessian", "loss_sqrt_hessian_mc",
+__all__ = ["top_eigenvalues", "loss_value", "loss_grad", "loss_sqrt_hessian", "loss_sqrt_hessian_jvp",
+           "loss_sqrt_hessian_mc",
            "slice_dim", "pad_dim", "index_dim", "index_add_dim"]
 
 
@@ -61,6 +62,33 @@ def loss_sqrt_hessian(f: torch.Tensor, y: torch.Tensor, kind: str, reduction: st
         d = (s * (1 - s)).sqrt_().mul_(r)
     S = torch.diag_embed(d).permute(1, 0, 2)  # (C, N, C)
     return S.reshape((C,) + tuple(f.shape))
+
+
+def loss_sqrt_hessian_jvp(f: torch.Tensor, y: torch.Tensor, t: torch.Tensor, kind: str,
+                          reduction: str) -> torch.Tensor:
+    """Directional derivative of ``loss_sqrt_hessian`` along each tangent ``t[s]`` (shape
+    ``(S, *f.shape)``): shape ``(S, C, *f.shape)``. It carries the loss's third derivative."""
+    r = math.sqrt(_scale(kind, reduction, f))
+    S_, N = t.shape[0], f.shape[0]
+    if kind == "cross_entropy":
+        # S[c, o] = delta_co sqrt(p_c) - sqrt(p_c) p_o;  dp = p t - p (p . t);  dsqrt(p) = dp / (2 sqrt p)
+        p = torch.softmax(f, dim=1)
+        sp = p.sqrt()
+        dp = p * t - p * (p * t).sum(-1, keepdim=True)  # (S, N, C)
+        dsp = dp / (2 * sp)
+        out = -(dsp.transpose(1, 2).unsqueeze(3) * p.unsqueeze(0).unsqueeze(0))  # (S, c, N, o): -dsqrt(p_c) p_o
+        out -= sp.t().unsqueeze(0).unsqueeze(3) * dp.unsqueeze(1)  # -sqrt(p_c) dp_o
+        out.diagonal(dim1=1, dim2=3).add_(dsp)
+        return out.mul_(r)
+    flat_t = t.reshape(S_, N, -1)
+    C = flat_t.shape[2]
+    if kind == "mse":
+        return torch.zeros((S_, C) + tuple(f.shape), dtype=f.dtype, device=f.device)
+    s = torch.sigmoid(f.reshape(N, -1))
+    d = (s * (1 - s)).sqrt_().mul_(r)
+    dd = d * (1 - 2 * s) / 2 * flat_t  # d/df sqrt(s (1 - s)) = sqrt(s (1 - s)) (1 - 2 s) / 2
+    out = torch.diag_embed(dd).permute(0, 2, 1, 3)  # (S, C, N, C)
+    return out.reshape((S_, C) + tuple(f.shape))
 
 
 def loss_sqrt_hessian_mc(f: torch.Tensor, y: torch.Tensor, generator: torch.Generator, kind: str,

@@ -49,9 +49,11 @@ class Op(Enum):
     LOSS_GRAD = auto()  # arg: LossSpec; dL/df, shaped like the output (per-sample shares)
     LOSS_SQRT_HESSIAN = auto()  # arg: LossSpec; S with sum_c S_c S_c^T = d2L/df2, shape (C, *output)
     LOSS_SQRT_HESSIAN_MC = auto()  # arg: (LossSpec, mc_samples); src: (output, target, rng)
+    LOSS_SQRT_HESSIAN_JVP = auto()  # arg: LossSpec; src: (output, target, tangent (s, *output)); dS[t], (s, C, *output)
 
 
-LOSS_OPS = frozenset({Op.LOSS, Op.LOSS_GRAD, Op.LOSS_SQRT_HESSIAN, Op.LOSS_SQRT_HESSIAN_MC})
+LOSS_OPS = frozenset({Op.LOSS, Op.LOSS_GRAD, Op.LOSS_SQRT_HESSIAN, Op.LOSS_SQRT_HESSIAN_MC,
+                      Op.LOSS_SQRT_HESSIAN_JVP})
 LEAF_OPS = frozenset({Op.INPUT, Op.CONST})
 #: Ops that only finish a derivative program and are never differentiated.
 TERMINAL_OPS = frozenset({Op.EIGVALSH})

@@ -6,7 +6,9 @@ column s of U is u restricted to subset s:
 * ``partition_hessian`` (S, S): H_st = u_s^T H u_t, forward-over-reverse with the S restricted
   directions travelling together as one tangent index.
 
-The third-order tensor ``partition_d3`` (Taylor mode) is not built yet.
+* ``partition_d3`` (S, S, S): D_stv = D^3 L[u_s, u_t, u_v], forward-over-forward-over-reverse:
+  the Hessian-vector program of the S directions is pushed forward again along the S
+  directions (a second tangent index), the direction held constant.
 """
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ import torch
 from ..errors import HogcError
 from ..ir import Index, Node, Variance, build as B
 from .builder import DerivativeBuilder
+from hogc.passes.push_forward import push_forward
+
 from .hessian import TANGENT, _sum_samples_first, _tangent_grads
 from .registry import register_quantity
 
@@ -64,17 +68,23 @@ def _partition_grad(b):
     return total
 
 
+def _restricted(b: DerivativeBuilder, u: dict[str, Node], index: Index) -> dict[str, Node]:
+    """The S directions as one tangent per parameter: (S, *param), u_k in the row of k's subset."""
+    out = {}
+    for j, subset in enumerate(_subsets(b)):
+        for k in subset:
+            L = B.letters(u[k].ndim + 1)
+            out[k] = B.einsum([L[0], L[1:]], L, [_onehot(b, j, index), u[k]])
+    return out
+
+
 @register_quantity("partition_hessian", per_param=False)
 def _partition_hessian(b):
     """(S, S): u_s^T H u_t, exact (residual terms included), symmetric."""
     u = _direction(b)
     s, t = _subset_index(b, "s"), _subset_index(b, "t")
     st = s
-    tangents = {}
-    for j, subset in enumerate(_subsets(b)):
-        for k in subset:
-            L = B.letters(u[k].ndim + 1)
-            tangents[k] = B.einsum([L[0], L[1:]], L, [_onehot(b, j, st), u[k]])
+    tangents = _restricted(b, u, s)
     hu = _tangent_grads(b, tangents)  # per parameter (s, *param): (H U)_k, lower
     total = None
     for j, subset in enumerate(_subsets(b)):
@@ -87,4 +97,30 @@ def _partition_hessian(b):
             total = term if total is None else B.add(total, term)
     if total is None:  # the loss does not depend on the covered parameters
         total = B.const_tensor(torch.zeros(s.size, t.size, dtype=b.dtype), (s, t))
+    return total
+
+
+@register_quantity("partition_d3", per_param=False)
+def _partition_d3(b):
+    """(S, S, S): D^3 L[u_s, u_t, u_v], exact, symmetric in all index permutations."""
+    u = _direction(b)
+    s, t, v = _subset_index(b, "s"), _subset_index(b, "t"), _subset_index(b, "v")
+    first = _restricted(b, u, s)
+    hu = {k: h for k, h in _tangent_grads(b, first).items() if h is not None}
+    second = _restricted(b, u, v)
+    seeds: dict[int, Node | None] = {b.params[k].uid: x for k, x in second.items()}
+    # the direction is a constant of the expansion: neither u nor the first tangents move with theta
+    seeds.update({x.uid: None for x in list(u.values()) + list(first.values())})
+    d2 = push_forward(hu, seeds)  # per parameter (v, s, *param)
+    total = None
+    for j, subset in enumerate(_subsets(b)):
+        for k in subset:
+            if d2.get(k) is None:
+                continue
+            L = B.letters(u[k].ndim + 3)
+            vv, ss, tt, P = L[0], L[1], L[2], L[3:]
+            term = B.einsum([vv + ss + P, P, tt], ss + tt + vv, [d2[k], u[k], _onehot(b, j, t)], out_indices=(s, t, v))
+            total = term if total is None else B.add(total, term)
+    if total is None:
+        total = B.const_tensor(torch.zeros(s.size, t.size, v.size, dtype=b.dtype), (s, t, v))
     return total

@@ -49,7 +49,7 @@ def nested(model, x, y, part, full: bool):
             hu.append(torch.autograd.grad(dot, params, create_graph=True))
         H = torch.stack([torch.stack([sum((h * ui).sum() for h, ui, k in zip(hu[s], u, names) if where.get(k) == t)
                                       for t in range(S)]) for s in range(S)])
-        D = torch.zeros(S, S, S)
+        D = torch.zeros(S, S, S, device=x.device)
         pairs = [(s, t) for s in range(S) for t in range(s, S)] if full else [(s, s) for s in range(S)]
         for s, t in pairs:
             q = sum((h * ui).sum() for h, ui, k in zip(hu[s], u, names) if where.get(k) == t)
@@ -65,11 +65,13 @@ def main():
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = mlp()
-    x, y = torch.randn(args.batch, 784), torch.randint(0, 10, (args.batch,))
+    dev = torch.device(args.device)
+    model = mlp().to(dev)
+    x, y = torch.randn(args.batch, 784, device=dev), torch.randint(0, 10, (args.batch,), device=dev)
     rows = []
     for S, part in partitions(model).items():
         fn = hogc.compile(model, ("partition_hessian", "partition_d3"), partition=part)
@@ -81,11 +83,12 @@ def main():
         t_h = median_time(lambda: fn(x, y), args.repeat)
         t_d = median_time(ref_diag, args.repeat)
         t_f = median_time(ref_full, args.repeat)
-        m_h, m_d, m_f = peak_memory(lambda: fn(x, y)), peak_memory(ref_diag), peak_memory(ref_full)
+        m_h, m_d, m_f = (peak_memory(f, dev.type) for f in (lambda: fn(x, y), ref_diag, ref_full))
         rows.append(f"| {S} | {t_h * 1e3:.0f} | {t_d * 1e3:.0f} | {t_f * 1e3:.0f} | {t_d / t_h:.1f}x | {t_f / t_h:.1f}x | "
                     f"{m_h / 2**20:.0f} | {m_d / 2**20:.0f} | {m_f / 2**20:.0f} | {err:.1e} |")
         print(rows[-1], flush=True)
-    print(f"\nDeep tanh MLP 784-7x256-10, batch {args.batch}, CPU, {torch.get_num_threads()} threads, float32\n")
+    where = torch.cuda.get_device_name() if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"\nDeep tanh MLP 784-7x256-10, batch {args.batch}, {where}, float32\n")
     print("| S | hogc H + full D ms | nested H + diag D ms | nested H + full D ms | vs diag | vs full | "
           "hogc MiB | nested diag MiB | nested full MiB | max rel. diff |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")

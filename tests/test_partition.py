@@ -65,14 +65,10 @@ def test_module_partition_groups_by_module():
     assert sorted(k for s in part for k in s) == sorted(k for k, _ in model.named_parameters())
 
 
-def test_partition_quadratic_model_of_the_loss():
-    """L(theta + U eta) = L + g^T eta + eta^T H eta / 2 + O(|eta|^3): a finite-difference check."""
-    model, lf, x, y = CASES[0].data()
-    part = [["0.weight", "0.bias"], ["2.weight", "2.bias"]]
-    out = hogc.compile(model, QS, loss=lf, partition=part)(x, y)
+def _along(model, lf, x, y, part, eta):
+    """h -> L(theta + h U eta) with u the gradient."""
     params = {k: v.detach() for k, v in model.named_parameters()}
     g = grad(lambda p: lf(functional_call(model, p, (x,)), y))(params)
-    eta = torch.tensor([0.3, -0.2], dtype=torch.float64)
 
     def at(h):
         p = dict(params)
@@ -80,7 +76,16 @@ def test_partition_quadratic_model_of_the_loss():
             for k in sub:
                 p[k] = params[k] + h * eta[j] * g[k]
         return lf(functional_call(model, p, (x,)), y)
+    return at
 
+
+def test_partition_quadratic_model_of_the_loss():
+    """L(theta + U eta) = L + g^T eta + eta^T H eta / 2 + O(|eta|^3): a finite-difference check."""
+    model, lf, x, y = CASES[0].data()
+    part = [["0.weight", "0.bias"], ["2.weight", "2.bias"]]
+    out = hogc.compile(model, QS, loss=lf, partition=part)(x, y)
+    eta = torch.tensor([0.3, -0.2], dtype=torch.float64)
+    at = _along(model, lf, x, y, part, eta)
     for h in (1e-2, 5e-3):
         model_val = at(0.0) + h * out["partition_grad"] @ eta + h * h * eta @ out["partition_hessian"] @ eta / 2
         assert abs(at(h) - model_val) < 5 * h ** 3 * (1 + abs(at(0.0)))
@@ -154,16 +159,8 @@ def test_partition_cubic_model_of_the_loss():
     model, lf, x, y = CASES[0].data()
     part = [["0.weight", "0.bias"], ["2.weight", "2.bias"]]
     out = hogc.compile(model, ALL, loss=lf, partition=part)(x, y)
-    params = {k: v.detach() for k, v in model.named_parameters()}
-    g = grad(lambda p: lf(functional_call(model, p, (x,)), y))(params)
     eta = torch.tensor([0.7, -0.4], dtype=torch.float64)
-
-    def at(h):
-        p = dict(params)
-        for j, sub in enumerate(part):
-            for k in sub:
-                p[k] = params[k] + h * eta[j] * g[k]
-        return lf(functional_call(model, p, (x,)), y)
+    at = _along(model, lf, x, y, part, eta)
 
     def err(h):
         cubic = torch.einsum("stv,s,t,v->", out["partition_d3"], eta, eta, eta)

@@ -78,26 +78,33 @@ def _restricted(b: DerivativeBuilder, u: dict[str, Node], index: Index) -> dict[
     return out
 
 
+def _apply_directions(b: DerivativeBuilder, u: dict[str, Node], per_param: dict[str, Node | None],
+                      lead: tuple[Index, ...], t: Index) -> Node:
+    """sum_k onehot_t(subset of k) <u_k, per_param_k>: per_param_k has indices (*lead, *param);
+    the result (*lead[::-1] in (s, [v]) order, t) is arranged as (s, t[, v])."""
+    order = (lead[-1], t) + tuple(reversed(lead[:-1]))  # (s, t) or (s, t, v) from lead (s,) or (v, s)
+    total = None
+    for j, subset in enumerate(_subsets(b)):
+        for k in subset:
+            if per_param.get(k) is None:
+                continue
+            L = B.letters(len(lead) + 1 + u[k].ndim)
+            ld, tt, P = L[:len(lead)], L[len(lead)], L[len(lead) + 1:]
+            out = ld[-1] + tt + ld[:-1][::-1]
+            term = B.einsum([ld + P, P, tt], out, [per_param[k], u[k], _onehot(b, j, t)], out_indices=order)
+            total = term if total is None else B.add(total, term)
+    if total is None:  # the loss does not depend on the covered parameters
+        total = B.const_tensor(torch.zeros(tuple(i.size for i in order), dtype=b.dtype), order)
+    return total
+
+
 @register_quantity("partition_hessian", per_param=False)
 def _partition_hessian(b):
     """(S, S): u_s^T H u_t, exact (residual terms included), symmetric."""
     u = _direction(b)
     s, t = _subset_index(b, "s"), _subset_index(b, "t")
-    st = s
-    tangents = _restricted(b, u, s)
-    hu = _tangent_grads(b, tangents)  # per parameter (s, *param): (H U)_k, lower
-    total = None
-    for j, subset in enumerate(_subsets(b)):
-        for k in subset:
-            if hu.get(k) is None:
-                continue
-            L = B.letters(u[k].ndim + 2)
-            term = B.einsum([L[0] + L[2:], L[2:], L[1]], L[:2], [hu[k], u[k], _onehot(b, j, t)],
-                            out_indices=(s, t))
-            total = term if total is None else B.add(total, term)
-    if total is None:  # the loss does not depend on the covered parameters
-        total = B.const_tensor(torch.zeros(s.size, t.size, dtype=b.dtype), (s, t))
-    return total
+    hu = _tangent_grads(b, _restricted(b, u, s))  # per parameter (s, *param): (H U)_k, lower
+    return _apply_directions(b, u, hu, (s,), t)
 
 
 @register_quantity("partition_d3", per_param=False)
@@ -107,20 +114,8 @@ def _partition_d3(b):
     s, t, v = _subset_index(b, "s"), _subset_index(b, "t"), _subset_index(b, "v")
     first = _restricted(b, u, s)
     hu = {k: h for k, h in _tangent_grads(b, first).items() if h is not None}
-    second = _restricted(b, u, v)
-    seeds: dict[int, Node | None] = {b.params[k].uid: x for k, x in second.items()}
+    seeds: dict[int, Node | None] = {b.params[k].uid: x for k, x in _restricted(b, u, v).items()}
     # the direction is a constant of the expansion: neither u nor the first tangents move with theta
     seeds.update({x.uid: None for x in list(u.values()) + list(first.values())})
     d2 = push_forward(hu, seeds)  # per parameter (v, s, *param)
-    total = None
-    for j, subset in enumerate(_subsets(b)):
-        for k in subset:
-            if d2.get(k) is None:
-                continue
-            L = B.letters(u[k].ndim + 3)
-            vv, ss, tt, P = L[0], L[1], L[2], L[3:]
-            term = B.einsum([vv + ss + P, P, tt], ss + tt + vv, [d2[k], u[k], _onehot(b, j, t)], out_indices=(s, t, v))
-            total = term if total is None else B.add(total, term)
-    if total is None:
-        total = B.const_tensor(torch.zeros(s.size, t.size, v.size, dtype=b.dtype), (s, t, v))
-    return total
+    return _apply_directions(b, u, d2, (v, s), t)

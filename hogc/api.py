@@ -127,6 +127,8 @@ class CompiledFunction:
             generator: random draws of Monte-Carlo quantities (overrides ``seed``/``generator`` of compile).
         """
         named = list(self.model.named_parameters())
+        if self.partition is not None:
+            self._check_partition(named)
         spec = self.specialize(x, y, named)
         if spec.num_classes is not None:
             check_class_range(y, spec.num_classes)
@@ -140,12 +142,25 @@ class CompiledFunction:
             raise HogcError(f"a vector v was given, but none of {self.quantities} takes one (hvp and ggnvp do)")
         if self.direction is not None:
             values.update({("direction", k): t for (_, k), t in
-                           self._vector(self.direction, named, "the direction", partial=True).items()})
+                           self._vector(self.direction, named, "direction", partial=True).items()})
         if ("rng", "generator") in spec.inputs:
             values[("rng", "generator")] = self._rng(x.device, generator)
         with torch.no_grad():
             flat = spec.gm(*[values[i] for i in spec.inputs])
         return self._assemble(flat, spec)
+
+    def _check_partition(self, named) -> None:
+        """The partition was resolved at compile time: it must still fit the trainable parameters."""
+        trainable = {k for k, p in named if p.requires_grad}
+        covered = {k for sub in self.partition for k in sub}
+        frozen = sorted(covered - trainable)
+        if frozen:
+            raise HogcError(f"parameters {frozen} of the partition are no longer trainable (requires_grad "
+                            f"changed after compile); compile again")
+        left = sorted(trainable - covered)
+        if left and not getattr(self, "allow_partial", False):
+            raise HogcError(f"parameters {left} became trainable after compile and are not in the partition; "
+                            f"compile again (or pass allow_partial=True)")
 
     def _vector(self, v, named, what: str = "the vector v", partial: bool = False) -> dict:
         names = [q for q in self.quantities if get_quantity(q).takes_vector]
@@ -160,6 +175,8 @@ class CompiledFunction:
                 if partial:
                     continue
                 raise HogcError(f"{what} has no entry '{k}' (it needs one per trainable parameter)")
+            if not isinstance(v[k], torch.Tensor):
+                raise HogcError(f"{what}['{k}'] must be a tensor, got {type(v[k]).__name__}")
             if tuple(v[k].shape) != tuple(p.shape):
                 raise HogcError(f"{what}['{k}'] has shape {tuple(v[k].shape)}, the parameter {tuple(p.shape)}")
             if v[k].dtype != p.dtype:
@@ -276,7 +293,8 @@ def compile(model: nn.Module, quantity: str | Sequence[str] = "ggn_diag", loss: 
         partition: for ``partition_*`` quantities: a list of lists of parameter names, ``'module'``
             (one subset per module) or ``'parameter'`` (one per parameter tensor; the default).
         direction: the direction u of the partition quantities, a dict keyed like the covered
-            parameters (default: the gradient at the same point).
+            parameters (default: the gradient at the same point); its tensors are read at every
+            call, entries for parameters outside the partition are ignored.
         allow_partial: a partition may leave parameters out.
         memory_budget: bytes; slice contractions (loop over indices, summing or concatenating the
             chunks) until the predicted peak memory of the program fits (``fn.explain()`` shows it).
@@ -320,15 +338,20 @@ def compile(model: nn.Module, quantity: str | Sequence[str] = "ggn_diag", loss: 
             missing = covered - set(direction)
             if missing:
                 raise HogcError(f"direction has no entry for {sorted(missing)} (one per parameter of the partition)")
-    elif partition is not None or direction is not None:
-        raise HogcError("partition= and direction= only apply to the partition_* quantities")
-    return CompiledFunction(model, names, single, loss if loss is not None else nn.CrossEntropyLoss(),
-                            mc_samples, seed, generator, optimize, verify, top_k, memory_budget, parts, direction)
+    elif partition is not None or direction is not None or allow_partial:
+        raise HogcError("partition=, direction= and allow_partial= only apply to the partition_* quantities")
+    fn = CompiledFunction(model, names, single, loss if loss is not None else nn.CrossEntropyLoss(),
+                          mc_samples, seed, generator, optimize, verify, top_k, memory_budget, parts,
+                          None if direction is None else dict(direction))
+    fn.allow_partial = allow_partial
+    return fn
 
 
 def resolve_partition(model: nn.Module, partition, allow_partial: bool = False) -> list[list[str]]:
     """The subsets of trainable parameter names; checks names, overlaps and coverage."""
     names = [k for k, p in model.named_parameters() if p.requires_grad]
+    if not names:
+        raise HogcError("the model has no trainable parameters to partition")
     if partition == "parameter":
         return [[k] for k in names]
     if partition == "module":

@@ -66,3 +66,20 @@ def test_bad_settings_and_missing_batch():
     opt = PartitionNewton(model)
     with pytest.raises(hogc.HogcError, match="needs batch="):
         opt.step()
+
+
+def test_state_dict_round_trip_keeps_rates_and_schedule():
+    model, x, y = _problem()
+    lf = nn.CrossEntropyLoss()
+    opt = PartitionNewton(model, lf, every=3, beta=0.5)
+    for _ in range(2):
+        opt.zero_grad()
+        lf(model(x), y).backward()
+        opt.step(batch=(x, y))
+    fresh = PartitionNewton(model, lf, every=3, beta=0.5)
+    fresh.load_state_dict(opt.state_dict())
+    torch.testing.assert_close(fresh.rates, opt.rates)
+    assert fresh.steps == 2
+    fresh.zero_grad()
+    lf(model(x), y).backward()
+    fresh.step()  # step 2 is not a recomputation: no batch needed

@@ -169,3 +169,34 @@ def test_partition_cubic_model_of_the_loss():
 
     e1, e2 = err(0.2), err(0.1)
     assert e2 < e1 / 10  # fourth order: halving h divides the error by about 16
+
+
+def test_sqrt_hessian_jvp_is_finite_when_a_probability_underflows():
+    from hogc.emit import runtime as R
+
+    f = torch.tensor([[0.0, 200.0, -300.0]])  # float32: exp(-300) and exp(-200) underflow to 0
+    t = torch.randn(2, 1, 3)
+    assert torch.isfinite(R.loss_sqrt_hessian_jvp(f, torch.tensor([1]), t, "cross_entropy", "sum")).all()
+    f64, t64 = f.double().clamp(-30, 30), t.double()  # no underflow: the limit value agrees with jvp
+    got = R.loss_sqrt_hessian_jvp(f64, torch.tensor([1]), t64, "cross_entropy", "sum")
+    _, want = torch.func.jvp(lambda z: R.loss_sqrt_hessian(z, torch.tensor([1]), "cross_entropy", "sum"), (f64,),
+                             (t64[0],))
+    torch.testing.assert_close(got[0], want)
+
+
+def test_partition_follows_requires_grad_changes_with_a_clear_error():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Tanh(), torch.nn.Linear(2, 2))
+    x, y = torch.randn(4, 3), torch.randint(0, 2, (4,))
+    fn = hogc.compile(model, "partition_grad", partition="module")
+    fn(x, y)
+    model[0].weight.requires_grad_(False)
+    with pytest.raises(hogc.HogcError, match=r"\['0.weight'\] of the partition are no longer trainable"):
+        fn(x, y)
+    fn = hogc.compile(model, "partition_grad", partition="module")
+    model[0].weight.requires_grad_(True)
+    with pytest.raises(hogc.HogcError, match=r"\['0.weight'\] became trainable after compile"):
+        fn(x, y)
+    with pytest.raises(hogc.HogcError, match="must be a tensor"):
+        hogc.compile(model, "partition_grad", direction={k: [0.0] for k, _ in model.named_parameters()})(x, y)
+    with pytest.raises(hogc.HogcError, match="no trainable parameters"):
+        hogc.compile(torch.nn.Sequential(torch.nn.Linear(3, 2).requires_grad_(False)), "partition_grad")

@@ -75,7 +75,7 @@ def loss_sqrt_hessian_jvp(f: torch.Tensor, y: torch.Tensor, t: torch.Tensor, kin
         p = torch.softmax(f, dim=1)
         sp = p.sqrt()
         dp = p * t - p * (p * t).sum(-1, keepdim=True)  # (S, N, C)
-        dsp = dp / (2 * sp)
+        dsp = torch.where(sp > 0, dp / (2 * sp).clamp_min(torch.finfo(sp.dtype).tiny), 0.0)  # p -> 0: limit 0
         out = -(dsp.transpose(1, 2).unsqueeze(3) * p.unsqueeze(0).unsqueeze(0))  # (S, c, N, o): -dsqrt(p_c) p_o
         out -= sp.t().unsqueeze(0).unsqueeze(3) * dp.unsqueeze(1)  # -sqrt(p_c) dp_o
         out.diagonal(dim1=1, dim2=3).add_(dsp)

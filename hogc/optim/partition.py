@@ -29,6 +29,8 @@ def newton_step(g: torch.Tensor, H: torch.Tensor, damping: float = 0.0) -> torch
 def cubic_step(g: torch.Tensor, H: torch.Tensor, d: torch.Tensor, lam: float = 1.0, iters: int = 100) -> torch.Tensor:
     """argmin_eta -g.eta + eta H eta / 2 + lam / 6 |D eta|^3, D = diag(d) > 0 where H + lam r D^2 / 2
     is positive definite: eta(r) = (H + lam r D^2 / 2)^-1 g with r = |D eta(r)|, by bisection on r."""
+    if not (torch.isfinite(g).all() and torch.isfinite(H).all() and torch.isfinite(d).all()):
+        raise HogcError("cubic step: the partition gradient, Hessian or D_sss is not finite")
     D2 = torch.diag(d * d)
 
     def eta(r):
@@ -84,7 +86,8 @@ class PartitionNewton(torch.optim.Optimizer):
         if every < 1 or not 0 <= beta < 1:
             raise HogcError(f"every must be >= 1 and 0 <= beta < 1, got every={every}, beta={beta}")
         named = [(k, p) for k, p in model.named_parameters() if p.requires_grad]
-        super().__init__([p for _, p in named], dict(order=order))
+        super().__init__([p for _, p in named], dict(order=order, every=every, beta=beta, lam=lam, damping=damping,
+                                                     max_rate=max_rate))
         self.subsets = resolve_partition(model, partition)
         index = {k: p for k, p in named}
         self.groups_by_subset = [[index[k] for k in sub] for sub in self.subsets]
@@ -105,6 +108,18 @@ class PartitionNewton(torch.optim.Optimizer):
             d = out["partition_d3"].diagonal(0, 0, 1).diagonal(0, 0, 1).abs().pow(1 / 3)
             eta = cubic_step(g, H, d.clamp_min(1e-12), self.lam)
         return eta.clamp(0.0, self.max_rate)
+
+    def state_dict(self) -> dict:
+        """torch's optimizer state plus the averaged rates and the step counter."""
+        out = super().state_dict()
+        out["partition_newton"] = {"rates": None if self.rates is None else self.rates.clone(), "steps": self.steps}
+        return out
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        extra = state_dict.get("partition_newton", {"rates": None, "steps": 0})
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != "partition_newton"})
+        self.rates = None if extra["rates"] is None else extra["rates"].clone()
+        self.steps = int(extra["steps"])
 
     @torch.no_grad()
     def step(self, closure=None, *, batch=None):

@@ -41,13 +41,14 @@ class CompiledFunction:
     def __init__(self, model: nn.Module, quantities: Sequence[str], single: bool, loss: nn.Module,
                  mc_samples: int, seed: int | None, generator: torch.Generator | None, optimize: str,
                  verify: bool | None, top_k: int = 1, memory_budget: int | None = None,
-                 partition: list[list[str]] | None = None, direction: dict | None = None):
+                 partition: list[list[str]] | None = None, direction: dict | None = None,
+                 allow_partial: bool = False):
         self.model, self.quantities, self.single = model, tuple(quantities), single
         self.loss, self.spec = loss, loss_spec(loss)
         self.mc_samples, self.seed, self.generator = mc_samples, seed, generator
         self.optimize, self.verify, self.top_k = optimize, verify, top_k
         self.memory_budget = memory_budget
-        self.partition, self.direction = partition, direction
+        self.partition, self.direction, self.allow_partial = partition, direction, allow_partial
         self.takes_vector = any(get_quantity(q).takes_vector for q in self.quantities)
         self._cache: dict[tuple, _Specialization] = {}
         self._last: _Specialization | None = None
@@ -141,8 +142,7 @@ class CompiledFunction:
         elif v is not None:
             raise HogcError(f"a vector v was given, but none of {self.quantities} takes one (hvp and ggnvp do)")
         if self.direction is not None:
-            values.update({("direction", k): t for (_, k), t in
-                           self._vector(self.direction, named, "direction", partial=True).items()})
+            values.update(self._vector(self.direction, named, "direction", role="direction"))
         if ("rng", "generator") in spec.inputs:
             values[("rng", "generator")] = self._rng(x.device, generator)
         with torch.no_grad():
@@ -158,11 +158,14 @@ class CompiledFunction:
             raise HogcError(f"parameters {frozen} of the partition are no longer trainable (requires_grad "
                             f"changed after compile); compile again")
         left = sorted(trainable - covered)
-        if left and not getattr(self, "allow_partial", False):
+        if left and not self.allow_partial:
             raise HogcError(f"parameters {left} became trainable after compile and are not in the partition; "
                             f"compile again (or pass allow_partial=True)")
 
-    def _vector(self, v, named, what: str = "the vector v", partial: bool = False) -> dict:
+    def _vector(self, v, named, what: str = "the vector v", role: str = "vector") -> dict:
+        """Checked program inputs ``(role, name)`` from a dict keyed like the trainable parameters;
+        a partition direction may leave parameters out."""
+        partial = role == "direction"
         names = [q for q in self.quantities if get_quantity(q).takes_vector]
         if not isinstance(v, dict):
             raise HogcError(f"{', '.join(names)} needs a vector: call fn(x, y, v) with v a dict keyed like the "
@@ -181,7 +184,7 @@ class CompiledFunction:
                 raise HogcError(f"{what}['{k}'] has shape {tuple(v[k].shape)}, the parameter {tuple(p.shape)}")
             if v[k].dtype != p.dtype:
                 raise InputDtypeError(f"{what}['{k}'] has dtype {v[k].dtype}, the parameter {p.dtype}")
-            out[("vector", k)] = v[k]
+            out[(role, k)] = v[k]
         extra = set(v) - {k for k, p in named if p.requires_grad}
         if extra:
             raise HogcError(f"{what} has entries for unknown or frozen parameters: {sorted(extra)}")
@@ -340,11 +343,9 @@ def compile(model: nn.Module, quantity: str | Sequence[str] = "ggn_diag", loss: 
                 raise HogcError(f"direction has no entry for {sorted(missing)} (one per parameter of the partition)")
     elif partition is not None or direction is not None or allow_partial:
         raise HogcError("partition=, direction= and allow_partial= only apply to the partition_* quantities")
-    fn = CompiledFunction(model, names, single, loss if loss is not None else nn.CrossEntropyLoss(),
-                          mc_samples, seed, generator, optimize, verify, top_k, memory_budget, parts,
-                          None if direction is None else dict(direction))
-    fn.allow_partial = allow_partial
-    return fn
+    return CompiledFunction(model, names, single, loss if loss is not None else nn.CrossEntropyLoss(),
+                            mc_samples, seed, generator, optimize, verify, top_k, memory_budget, parts,
+                            None if direction is None else dict(direction), allow_partial)
 
 
 def resolve_partition(model: nn.Module, partition, allow_partial: bool = False) -> list[list[str]]:

@@ -66,12 +66,16 @@ def _call(fn, x, y, v):
 def derivative_flops(model, x, y, loss, quantity, **kw) -> tuple[int, int]:
     """(FLOPs of the whole program, FLOPs beyond the forward pass) for one quantity."""
     fn = hogc_compile(model, quantity, loss, **kw)
-    v = _vector(model, quantity)
-    _call(fn, x, y, v)
+    _call(fn, x, y, _vector(model, quantity))
+    total = fn.explain().total_flops
+    return total, total - _forward_flops(model, x, y, loss)
+
+
+def _forward_flops(model, x, y, loss) -> int:
+    """FLOPs of the forward pass and loss alone (subtracted to get a derivative's own FLOPs)."""
     fwd = hogc_compile(model, "loss", loss)
     fwd(x, y)
-    total = fn.explain().total_flops
-    return total, total - fwd.explain().total_flops
+    return fwd.explain().total_flops
 
 
 def _vector(model, quantity):
@@ -106,9 +110,7 @@ def run_schedules(model, x, y, loss, quantity: str, strategies, budgets, repeat:
     taken of the unsliced measured peak of the same strategy. A budget that cannot be met gives a
     row with ``error`` set (the smallest reachable peak)."""
     v = _vector(model, quantity)
-    fwd = hogc_compile(model, "loss", loss)
-    fwd(x, y)
-    fwd_flops = fwd.explain().total_flops
+    fwd_flops = _forward_flops(model, x, y, loss)
     device = x.device.type
     rows: list[ScheduleRow] = []
     ref = None

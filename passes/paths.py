@@ -7,7 +7,6 @@ sliced indices) is recorded on the resulting program for ``fn.explain()``.
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from hogc.ir import Node, Op, Program, build as B
 from hogc.ir.node import Einsum
 
 __all__ = ["contract_pairwise", "PATH_STRATEGIES", "register_path_strategy", "NetworkSchedule",
-           "network_steps", "einsum_flops", "MAX_SLICES", "OPTIMAL_MAX_OPERANDS"]
+           "network_steps", "einsum_flops", "letter_sizes", "MAX_SLICES", "OPTIMAL_MAX_OPERANDS"]
 
 #: The most chunks one network is cut into (the loop is unrolled into the program).
 MAX_SLICES = 256
@@ -72,9 +71,7 @@ def _path(eq: Einsum, shapes: tuple, strategy: str):
     elif opt == "optimal" and len(shapes) > OPTIMAL_MAX_OPERANDS:
         opt = "dp"  # exhaustive search is factorial in the operands; dp is exact on connected networks
     if callable(opt):
-        sizes = {}
-        for s, shp in zip(eq.inputs, shapes):
-            sizes.update(zip(s, shp))
+        sizes = letter_sizes(eq.inputs, shapes)
         return [tuple(p) for p in opt([set(s) for s in eq.inputs], set(eq.output), sizes, None)]
     path, _ = oe.contract_path(",".join(eq.inputs) + "->" + eq.output, *shapes, shapes=True, optimize=opt)
     return path
@@ -102,6 +99,14 @@ def network_steps(inputs, output: str, sizes: dict[str, int], path) -> list[tupl
     return steps
 
 
+def letter_sizes(inputs, shapes) -> dict[str, int]:
+    """Each einsum letter's extent, from the operands' subscripts and shapes."""
+    sizes: dict[str, int] = {}
+    for s, shp in zip(inputs, shapes):
+        sizes.update(zip(s, shp))
+    return sizes
+
+
 def _numel(s: str, sizes: dict[str, int]) -> int:
     return math.prod(sizes[c] for c in s)
 
@@ -127,10 +132,7 @@ def pair_flops(sa: str, sb: str, out: str, sizes: dict[str, int]) -> int:
 def einsum_flops(node: Node) -> int:
     """FLOPs of one emitted EINSUM node: a single-operand sum reads every element once; a pairwise
     product spans the union of its letters (multiply-adds counted as 2)."""
-    sizes: dict[str, int] = {}
-    for s, x in zip(node.arg.inputs, node.src):
-        sizes.update(zip(s, x.shape))
-    work = math.prod(sizes.values())
+    work = math.prod(letter_sizes(node.arg.inputs, (x.shape for x in node.src)).values())
     return work if len(node.src) == 1 else 2 * work
 
 
@@ -201,9 +203,7 @@ def _chunks(size: int, parts: int) -> list[tuple[int, int]]:
 def _choose_slices(eq: Einsum, shapes, path, itemsize: int, cap_bytes: float) -> dict[str, int]:
     """Greedy: halve the letter of the largest intermediate whose halving lowers it most for the
     fewest extra FLOPs, until the largest intermediate fits ``cap_bytes`` (or nothing helps)."""
-    sizes: dict[str, int] = {}
-    for s, shp in zip(eq.inputs, shapes):
-        sizes.update(zip(s, shp))
+    sizes = letter_sizes(eq.inputs, shapes)
     parts = {c: 1 for c in sizes}
 
     def sliced_sizes(p):
@@ -243,9 +243,7 @@ def _letter_legend(eq: Einsum, srcs) -> str:
 def _build(eq: Einsum, ops: list[Node], path, out_indices) -> Node:
     subs = list(eq.inputs)
     ops = list(ops)
-    sizes: dict[str, int] = {}
-    for s, x in zip(subs, ops):
-        sizes.update(zip(s, x.shape))
+    sizes = letter_sizes(subs, (x.shape for x in ops))
     for i, j, sa, sb, out in network_steps(eq.inputs, eq.output, sizes, path):
         a, b = ops[i], ops[j]
         last = len(ops) == 2
@@ -261,9 +259,7 @@ def _sliced(node: Node, path, parts: dict[str, int]) -> Node:
     """The network cut into chunks along ``parts``' letters: summed letters add their chunks,
     letters of the result concatenate them."""
     eq: Einsum = node.arg
-    sizes: dict[str, int] = {}
-    for s, x in zip(eq.inputs, node.src):
-        sizes.update(zip(s, x.shape))
+    sizes = letter_sizes(eq.inputs, (x.shape for x in node.src))
     letters = sorted(parts, key=lambda c: c in eq.output)  # summed letters outermost
 
     def rec(k: int, ops: list[Node]) -> Node:
@@ -313,28 +309,28 @@ def contract_pairwise(program: Program, strategy: str = "auto", cap_bytes: float
         src = tuple(new[s.uid] for s in node.src)
         n2 = node if src == node.src else node.replace(src=src)
         if n2.op is Op.EINSUM and len(n2.src) >= 2:
-            eq: Einsum = n2.arg
-            shapes = tuple(x.shape for x in n2.src)
-            path = _path(eq, shapes, strategy)
-            item = itemsize
-            parts = _choose_slices(eq, shapes, path, item, cap_bytes) if cap_bytes is not None else {}
-            sizes = {}
-            for s, shp in zip(eq.inputs, shapes):
-                sizes.update(zip(s, shp))
-            slices = math.prod(len(_chunks(sizes[c], p)) for c, p in parts.items())
-            sl_sizes = {c: -(-sizes[c] // parts.get(c, 1)) for c in sizes}
-            flops, largest = _stats(eq.inputs, eq.output, sl_sizes, path)
-            legend = _letter_legend(eq, n2.src)
-            records.append((n2, NetworkSchedule(
-                str(eq), legend, tuple(tuple(p) for p in path), flops,
-                largest, item, tuple(f"{c}/{len(_chunks(sizes[c], p))}" for c, p in sorted(parts.items())),
-                slices, len(n2.src))))
-            operands = n2.src
-            if len(n2.src) > 2 or parts or any(_private(a, b, eq.output) for a, b in
-                                                (eq.inputs, eq.inputs[::-1])):
-                n2 = _sliced(n2, path, parts) if parts else _build(eq, list(n2.src), path, n2.indices)
-            rec = dataclasses.replace(records[-1][1], flops=_built_flops(n2, operands))
-            records[-1] = (n2, rec)
+            n2, record = _schedule_network(n2, strategy, cap_bytes, itemsize)
+            records.append((n2, record))
         new[node.uid] = n2
     out = Program.of({k: new[v.uid] for k, v in program.outputs.items()})
     return out.with_networks(records)
+
+
+def _schedule_network(node: Node, strategy: str, cap_bytes: float | None, itemsize: int
+                      ) -> tuple[Node, NetworkSchedule]:
+    """One network: its path, its slices, the pairwise einsums that build it, and their record."""
+    eq: Einsum = node.arg
+    shapes = tuple(x.shape for x in node.src)
+    path = _path(eq, shapes, strategy)
+    parts = _choose_slices(eq, shapes, path, itemsize, cap_bytes) if cap_bytes is not None else {}
+    sizes = letter_sizes(eq.inputs, shapes)
+    chunks = {c: len(_chunks(sizes[c], p)) for c, p in parts.items()}
+    _, largest = _stats(eq.inputs, eq.output, {c: -(-sizes[c] // parts.get(c, 1)) for c in sizes}, path)
+    built = node
+    if len(node.src) > 2 or parts or any(_private(a, b, eq.output) for a, b in (eq.inputs, eq.inputs[::-1])):
+        built = _sliced(node, path, parts) if parts else _build(eq, list(node.src), path, node.indices)
+    record = NetworkSchedule(str(eq), _letter_legend(eq, node.src), tuple(tuple(p) for p in path),
+                             _built_flops(built, node.src), largest, itemsize,
+                             tuple(f"{c}/{n}" for c, n in sorted(chunks.items())), math.prod(chunks.values()),
+                             len(node.src))
+    return built, record

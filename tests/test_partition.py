@@ -79,13 +79,17 @@ def _along(model, lf, x, y, part, eta):
     return at
 
 
-def test_partition_quadratic_model_of_the_loss():
-    """L(theta + U eta) = L + g^T eta + eta^T H eta / 2 + O(|eta|^3): a finite-difference check."""
+def _two_layers(qs, eta):
+    """The quantities of a two-layer MLP with one subset per layer, and h -> L(theta + h U eta)."""
     model, lf, x, y = CASES[0].data()
     part = [["0.weight", "0.bias"], ["2.weight", "2.bias"]]
-    out = hogc.compile(model, QS, loss=lf, partition=part)(x, y)
+    return hogc.compile(model, qs, loss=lf, partition=part)(x, y), _along(model, lf, x, y, part, eta)
+
+
+def test_partition_quadratic_model_of_the_loss():
+    """L(theta + U eta) = L + g^T eta + eta^T H eta / 2 + O(|eta|^3): a finite-difference check."""
     eta = torch.tensor([0.3, -0.2], dtype=torch.float64)
-    at = _along(model, lf, x, y, part, eta)
+    out, at = _two_layers(QS, eta)
     for h in (1e-2, 5e-3):
         model_val = at(0.0) + h * out["partition_grad"] @ eta + h * h * eta @ out["partition_hessian"] @ eta / 2
         assert abs(at(h) - model_val) < 5 * h ** 3 * (1 + abs(at(0.0)))
@@ -156,11 +160,8 @@ def test_partition_d3_matches_nested_torch_func(case):
 
 def test_partition_cubic_model_of_the_loss():
     """phi(h eta) - (phi(0) + h g.eta + h^2 eta H eta / 2 + h^3 D[eta, eta, eta] / 6) = O(h^4)."""
-    model, lf, x, y = CASES[0].data()
-    part = [["0.weight", "0.bias"], ["2.weight", "2.bias"]]
-    out = hogc.compile(model, ALL, loss=lf, partition=part)(x, y)
     eta = torch.tensor([0.7, -0.4], dtype=torch.float64)
-    at = _along(model, lf, x, y, part, eta)
+    out, at = _two_layers(ALL, eta)
 
     def err(h):
         cubic = torch.einsum("stv,s,t,v->", out["partition_d3"], eta, eta, eta)

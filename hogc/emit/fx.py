@@ -13,6 +13,7 @@ import torch
 import torch.fx
 
 from hogc.passes import elementwise as E
+from hogc.passes.paths import letter_sizes
 
 from ..ir import Constant, Node, Op, Program
 from . import runtime as R
@@ -78,10 +79,7 @@ SMALL_CONTRACTION = 32
 
 
 def _size(node: Node) -> dict[str, int]:
-    sizes: dict[str, int] = {}
-    for s, x in zip(node.arg.inputs, node.src):
-        sizes.update(zip(s, x.shape))
-    return sizes
+    return letter_sizes(node.arg.inputs, (x.shape for x in node.src))
 
 
 def _mul_sum(g, node, args):
@@ -195,8 +193,9 @@ def einsum_transient(node: Node) -> int:
     if prefers_mul_sum(node):
         full = math.prod(sizes[c] for c in dict.fromkeys(sa + sb))
         return full if full > out else 0
-    if len(node.src) == 2 and _matmul_form(node) is not None:
-        fa, fb, con = _matmul_form(node)
+    form = _matmul_form(node) if len(node.src) == 2 else None
+    if form is not None:
+        fa, fb, con = form
         extra = 0
         for s, first, second, x in ((sa, fa, con, node.src[0]), (sb, con, fb, node.src[1])):
             perm = [s.index(c) for c in first + second]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from hogc.ir import Node, Op, Program
+from hogc.ir import Op, Program
 from hogc.passes import elementwise as E
 
 from .fx import accumulators, einsum_transient
@@ -30,10 +30,6 @@ class MemoryEstimate:
     peak: int  # bytes allocated by the program at its peak
     at: int  # position in program.nodes where the peak happens
     outputs: int  # bytes of the results
-
-
-def _base(node: Node, base: dict[int, int]) -> int:
-    return base[node.uid] if node.op in VIEW_OPS else node.uid
 
 
 def predicted_peak(program: Program, itemsize: int = 4) -> MemoryEstimate:

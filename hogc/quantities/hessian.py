@@ -13,7 +13,7 @@ import torch
 from hogc.passes import elementwise as E
 from hogc.passes.backpropagate import backpropagate
 from hogc.passes.fuse import fuse_einsums
-from hogc.passes.paths import contract_pairwise
+from hogc.passes.paths import contract_pairwise, einsum_flops
 from hogc.passes.push_forward import push_forward
 from hogc.passes.residual_rules import residual, residual_kinds
 
@@ -190,10 +190,7 @@ def program_cost(outputs: dict[str, Node]) -> int:
     cost = 0
     for n in program.nodes:
         if n.op is Op.EINSUM:
-            sizes: dict[str, int] = {}
-            for s_, x in zip(n.arg.inputs, n.src):
-                sizes.update(zip(s_, x.shape))
-            cost += math.prod(sizes.values()) * (1 if len(n.src) == 1 else 2)
+            cost += einsum_flops(n)
         elif n.op not in (Op.INPUT, Op.CONST):
             cost += math.prod(n.shape)
     return cost

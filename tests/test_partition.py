@@ -1,5 +1,5 @@
-"""Partition-level derivatives (issue 5, orders 1 and 2 so far): equal to nested torch.func
-references in float64 on the model registry, for several partitions and directions."""
+"""Partition-level derivatives (issue 5): equal to nested torch.func references in float64 on the
+model registry, for several partitions (in depth order and reversed) and directions."""
 from __future__ import annotations
 
 import pytest
@@ -13,7 +13,7 @@ from .reference import Reference
 from .test_quantities import close
 
 QS = ("partition_grad", "partition_hessian")
-ALL = QS + ("partition_d3",)
+ALL = QS + ("partition_d3", "partition_d3_diag")
 
 
 def _reference(model, lf, x, y, part, u=None):
@@ -145,7 +145,10 @@ def test_partition_d3_matches_nested_torch_func(case):
     names = [k for k, _ in model.named_parameters()]
     g = torch.Generator().manual_seed(4)
     rand = {k: torch.randn(p.shape, generator=g, dtype=p.dtype) for k, p in model.named_parameters()}
-    for part, u, partial in (([[k] for k in names], None, False), ([names[:2], names[3:]], rand, True)):
+    # the subsets in depth order, reversed (only the cost depends on the order), and partial
+    per_param = [[k] for k in names]
+    for part, u, partial in ((per_param, None, False), (per_param[::-1], rand, False),
+                             ([names[:2], names[3:]], rand, True)):
         part = [sub for sub in part if sub]
         direction = None if u is None else {k: u[k] for sub in part for k in sub}
         got = hogc.compile(model, ALL, loss=lf, partition=part, direction=direction, allow_partial=partial)(x, y)
@@ -153,6 +156,7 @@ def test_partition_d3_matches_nested_torch_func(case):
         close(got["partition_grad"], g1)
         close(got["partition_hessian"], g2)
         close(got["partition_d3"], g3)
+        close(got["partition_d3_diag"], torch.diagonal(torch.diagonal(g3), 0, 0, 1))
         d3 = got["partition_d3"]
         for perm in ((0, 2, 1), (1, 0, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0)):
             close(d3.permute(perm), d3)  # symmetric in all index permutations

@@ -12,14 +12,16 @@ column s of U is u restricted to subset s:
 """
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from ..errors import HogcError
-from ..ir import Index, Node, Variance, build as B
+from ..ir import Index, Node, Variance, build as B, topological_order
 from .builder import DerivativeBuilder
 from hogc.passes.push_forward import push_forward
 
-from .hessian import TANGENT, _sum_samples_first, _tangent_grads
+from .hessian import TANGENT, _sum_samples_first
 from .registry import register_quantity
 
 def _subsets(b: DerivativeBuilder) -> list[list[str]]:
@@ -68,54 +70,122 @@ def _partition_grad(b):
     return total
 
 
-def _restricted(b: DerivativeBuilder, u: dict[str, Node], index: Index) -> dict[str, Node]:
-    """The S directions as one tangent per parameter: (S, *param), u_k in the row of k's subset."""
-    out = {}
-    for j, subset in enumerate(_subsets(b)):
-        for k in subset:
-            L = B.letters(u[k].ndim + 1)
-            out[k] = B.einsum([L[0], L[1:]], L, [_onehot(b, j, index), u[k]])
+def _depth_ranks(b: DerivativeBuilder) -> list[int]:
+    """Each subset's rank when the subsets are ordered by where their parameters first enter the
+    forward graph, input side first. Only the cost depends on this order, never the result."""
+    first: dict[int, int] = {}
+    for i, node in enumerate(topological_order([b.output])):
+        for src in node.src:
+            first.setdefault(src.uid, i)
+    subsets = _subsets(b)
+    key = [min(first.get(b.params[k].uid, len(first)) for k in sub) for sub in subsets]
+    order = sorted(range(len(subsets)), key=lambda j: (key[j], j))
+    return [order.index(j) for j in range(len(subsets))]
+
+
+def _along(b: DerivativeBuilder, u: dict[str, Node], j: int, name: str) -> dict[int, Node]:
+    """Forward seeds: u restricted to subset j, as one tangent (a size-1 tangent index ``name``)."""
+    i = Index(name, 1, TANGENT, Variance.BATCH)
+    return {b.params[k].uid: B.reshape(u[k], (1,) + u[k].shape, (i,) + u[k].indices) for k in _subsets(b)[j]}
+
+
+def _hvps(b: DerivativeBuilder, u: dict[str, Node], rank: list[int]) -> list[dict[str, Node | None]]:
+    """H u_s for each subset s, only for the parameters of subsets ranked at or after s (the rest
+    follows from symmetry); ``(1, *param)`` per parameter, ``None`` for structural zeros."""
+    subsets = _subsets(b)
+    grads = {k: _sum_samples_first(b.per_sample_grads[k]) for sub in subsets for k in sub}
+    out = []
+    for j in range(len(subsets)):
+        needed = {k: grads[k] for t, sub in enumerate(subsets) if rank[t] >= rank[j] for k in sub}
+        out.append(push_forward(needed, _along(b, u, j, "s")))
     return out
 
 
-def _apply_directions(b: DerivativeBuilder, u: dict[str, Node], per_param: dict[str, Node | None],
-                      lead: tuple[Index, ...], t: Index) -> Node:
-    """sum_k onehot_t(subset of k) <u_k, per_param_k>: per_param_k has indices (*lead, *param);
-    the result (*lead[::-1] in (s, [v]) order, t) is arranged as (s, t[, v])."""
-    order = (lead[-1], t) + tuple(reversed(lead[:-1]))  # (s, t) or (s, t, v) from lead (s,) or (v, s)
+def _place(b: DerivativeBuilder, x: Node, u: Node, at: tuple[int, ...], out: tuple[Index, ...]) -> Node:
+    """<x, u> (x with leading size-1 tangent indices) placed at entry ``at`` of a zero tensor."""
+    lead = x.ndim - u.ndim
+    L = B.letters(lead + u.ndim + len(at))
+    ld, P, O = L[:lead], L[lead:lead + u.ndim], L[lead + u.ndim:]
+    hots = [_onehot(b, j, i) for j, i in zip(at, out)]
+    return B.einsum([ld + P, P] + list(O), O, [x, u] + hots, out_indices=out)
+
+
+def _symmetrized(b: DerivativeBuilder, T: Node | None, rank: list[int], out: tuple[Index, ...]) -> Node:
+    """The symmetric tensor whose entries at rank-sorted positions are those of T (zero elsewhere):
+    D[a, b, ...] = T[(a, b, ...) sorted by rank], one masked, permuted copy of T per permutation."""
+    S, n = len(rank), len(out)
+    if T is None:  # the loss does not depend on the covered parameters
+        return B.const_tensor(torch.zeros((S,) * n, dtype=b.dtype), out)
+    L = B.letters(n)
+    masks: dict[tuple[int, ...], torch.Tensor] = {}
+    for pos in itertools.product(range(S), repeat=n):
+        perm = tuple(sorted(range(n), key=lambda a: (rank[pos[a]], a)))
+        masks.setdefault(perm, torch.zeros((S,) * n, dtype=b.dtype))[pos] = 1.0
     total = None
-    for j, subset in enumerate(_subsets(b)):
-        for k in subset:
-            if per_param.get(k) is None:
-                continue
-            L = B.letters(len(lead) + 1 + u[k].ndim)
-            ld, tt, P = L[:len(lead)], L[len(lead)], L[len(lead) + 1:]
-            out = ld[-1] + tt + ld[:-1][::-1]
-            term = B.einsum([ld + P, P, tt], out, [per_param[k], u[k], _onehot(b, j, t)], out_indices=order)
-            total = term if total is None else B.add(total, term)
-    if total is None:  # the loss does not depend on the covered parameters
-        total = B.const_tensor(torch.zeros(tuple(i.size for i in order), dtype=b.dtype), order)
+    for perm, mask in masks.items():
+        term = B.einsum(["".join(L[a] for a in perm), L], L, [T, B.const_tensor(mask, out)], out_indices=out)
+        total = term if total is None else B.add(total, term)
     return total
+
+
+def _accumulate(total: Node | None, term: Node) -> Node:
+    return term if total is None else B.add(total, term)
 
 
 @register_quantity("partition_hessian", per_param=False)
 def _partition_hessian(b):
-    """(S, S): u_s^T H u_t, exact (residual terms included), symmetric."""
-    u = _direction(b)
-    s, t = _subset_index(b, "s"), _subset_index(b, "t")
-    hu = _tangent_grads(b, _restricted(b, u, s))  # per parameter (s, *param): (H U)_k, lower
-    return _apply_directions(b, u, hu, (s,), t)
+    """(S, S): u_s^T H u_t, exact (residual terms included), symmetric: one forward-over-reverse
+    pass per subset s, restricted to the subsets t ranked at or after s."""
+    u, rank = _direction(b), _depth_ranks(b)
+    out = (_subset_index(b, "s"), _subset_index(b, "t"))
+    where = {k: t for t, sub in enumerate(_subsets(b)) for k in sub}
+    T = None
+    for j, hv in enumerate(_hvps(b, u, rank)):
+        for k, x in hv.items():
+            if x is not None:
+                T = _accumulate(T, _place(b, x, u[k], (j, where[k]), out))
+    return _symmetrized(b, T, rank, out)
+
+
+def _third(b: DerivativeBuilder, diagonal: bool) -> tuple[list, list[int], dict[str, int], dict[str, Node]]:
+    """D[u_s, u_t, u_v] at rank-sorted (s, t, v) only, pushing H u_s forward along u_t (the direction
+    held constant) for the parameters of subsets v ranked at or after t; ``diagonal``: s = t = v."""
+    u, rank = _direction(b), _depth_ranks(b)
+    subsets = _subsets(b)
+    where = {k: t for t, sub in enumerate(subsets) for k in sub}
+    hvps = _hvps(b, u, rank)
+    frozen = {x.uid: None for x in u.values()}
+    for j in range(len(subsets)):
+        frozen.update({uid: None for uid in _along(b, u, j, "s")})
+    entries = []
+    for j, hv in enumerate(hvps):
+        for t in ([j] if diagonal else [t for t in range(len(subsets)) if rank[t] >= rank[j]]):
+            keep = {k: x for k, x in hv.items() if x is not None and (where[k] == t if diagonal else rank[where[k]] >= rank[t])}
+            d2 = push_forward(keep, {**frozen, **_along(b, u, t, "v")})
+            entries += [(j, t, k, x) for k, x in d2.items() if x is not None]
+    return entries, rank, where, u
 
 
 @register_quantity("partition_d3", per_param=False)
 def _partition_d3(b):
-    """(S, S, S): D^3 L[u_s, u_t, u_v], exact, symmetric in all index permutations."""
-    u = _direction(b)
-    s, t, v = _subset_index(b, "s"), _subset_index(b, "t"), _subset_index(b, "v")
-    first = _restricted(b, u, s)
-    hu = {k: h for k, h in _tangent_grads(b, first).items() if h is not None}
-    seeds: dict[int, Node | None] = {b.params[k].uid: x for k, x in _restricted(b, u, v).items()}
-    # the direction is a constant of the expansion: neither u nor the first tangents move with theta
-    seeds.update({x.uid: None for x in list(u.values()) + list(first.values())})
-    d2 = push_forward(hu, seeds)  # per parameter (v, s, *param)
-    return _apply_directions(b, u, d2, (v, s), t)
+    """(S, S, S): D^3 L[u_s, u_t, u_v], exact, symmetric in all index permutations; each unordered
+    triple is computed once, and the pushes skip the layers where a restricted direction is zero."""
+    entries, rank, where, u = _third(b, diagonal=False)
+    out = tuple(_subset_index(b, n) for n in "stv")
+    T = None
+    for j, t, k, x in entries:
+        T = _accumulate(T, _place(b, x, u[k], (j, t, where[k]), out))
+    return _symmetrized(b, T, rank, out)
+
+
+@register_quantity("partition_d3_diag", per_param=False)
+def _partition_d3_diag(b):
+    """(S,): D^3 L[u_s, u_s, u_s], the diagonal of ``partition_d3`` (what the order-3 optimizer uses)."""
+    entries, _, _, u = _third(b, diagonal=True)
+    out = (_subset_index(b, "s"),)
+    total = None
+    for j, _, k, x in entries:
+        total = _accumulate(total, _place(b, x, u[k], (j,), out))
+    if total is None:
+        return B.const_tensor(torch.zeros(len(_subsets(b)), dtype=b.dtype), out)
+    return total

@@ -68,6 +68,8 @@ def main():
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--strategy", default="auto", choices=("auto", "dense", "unrolled"),
+                    help="hogc's partition_strategy (auto: dense on CUDA, unrolled elsewhere)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -77,10 +79,11 @@ def main():
     rows = []
     for S, part in partitions(model).items():
         start = time.perf_counter()
-        full = hogc.compile(model, ("partition_hessian", "partition_d3"), partition=part)
+        full = hogc.compile(model, ("partition_hessian", "partition_d3"), partition=part, partition_strategy=args.strategy)
         out = full(x, y)
         compile_s = time.perf_counter() - start
-        diag = hogc.compile(model, ("partition_hessian", "partition_d3_diag"), partition=part)
+        diag = hogc.compile(model, ("partition_hessian", "partition_d3_diag"), partition=part,
+                            partition_strategy=args.strategy)
         out_diag = diag(x, y)
         ref_diag, ref_full = nested(model, x, y, part, False), nested(model, x, y, part, True)
         H, D = ref_full()
@@ -95,7 +98,8 @@ def main():
                     f"{compile_s:.1f} | {err:.1e} |")
         print(rows[-1], flush=True)
     where = torch.cuda.get_device_name() if dev.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"\nDeep tanh MLP 784-7x256-10, batch {args.batch}, {where}, float32, torch {torch.__version__}\n")
+    print(f"\nDeep tanh MLP 784-7x256-10, batch {args.batch}, {where}, float32, torch {torch.__version__}, "
+          f"partition_strategy={full.explain().strategies['partition_d3']}\n")
     print("| S | hogc H + diag D ms | nested H + diag D ms | speed-up | hogc H + full D ms | nested H + full D ms | "
           "speed-up | hogc diag MiB | nested diag MiB | hogc full MiB | nested full MiB | hogc compile s | "
           "max rel. diff |")

@@ -20,6 +20,7 @@ from .errors import HogcError, InputDtypeError, MemoryBudgetError, SampleMixingE
 from .explain import Explanation, explain
 from .ir import Program, format_program
 from .quantities import derive, get_quantity
+from .quantities.partition import PARTITION_STRATEGIES
 
 __all__ = ["compile", "CompiledFunction"]
 
@@ -42,13 +43,14 @@ class CompiledFunction:
                  mc_samples: int, seed: int | None, generator: torch.Generator | None, optimize: str,
                  verify: bool | None, top_k: int = 1, memory_budget: int | None = None,
                  partition: list[list[str]] | None = None, direction: dict | None = None,
-                 allow_partial: bool = False):
+                 allow_partial: bool = False, partition_strategy: str = "auto"):
         self.model, self.quantities, self.single = model, tuple(quantities), single
         self.loss, self.spec = loss, loss_spec(loss)
         self.mc_samples, self.seed, self.generator = mc_samples, seed, generator
         self.optimize, self.verify, self.top_k = optimize, verify, top_k
         self.memory_budget = memory_budget
         self.partition, self.direction, self.allow_partial = partition, direction, allow_partial
+        self.partition_strategy = partition_strategy
         self.takes_vector = any(get_quantity(q).takes_vector for q in self.quantities)
         self._cache: dict[tuple, _Specialization] = {}
         self._last: _Specialization | None = None
@@ -83,7 +85,7 @@ class CompiledFunction:
         shapes = {k: tuple(p.shape) for k, p in self.model.named_parameters() if p.requires_grad}
         notes: dict[str, str] = {}
         unopt = derive(forward, self.quantities, self.spec, x.dtype, shapes, self.mc_samples, self.top_k, notes,
-                       self.partition, self.direction is not None)
+                       self.partition, self.direction is not None, x.device.type, self.partition_strategy)
         passes = optimization_pipeline(self.optimize, self.memory_budget, x.element_size())
         program = run_pipeline(unopt, passes, self.verify)
         used = {n.arg for n in program.inputs()}
@@ -280,7 +282,7 @@ def compile(model: nn.Module, quantity: str | Sequence[str] = "ggn_diag", loss: 
             mc_samples: int = 1, seed: int | None = None, generator: torch.Generator | None = None,
             optimize: str = "auto", memory_budget: int | None = None, verify: bool | None = None,
             top_k: int = 1, partition=None, direction: dict | None = None,
-            allow_partial: bool = False) -> CompiledFunction:
+            allow_partial: bool = False, partition_strategy: str = "auto") -> CompiledFunction:
     """Compile derivative quantities of ``loss(model(x), y)``.
 
     Args:
@@ -299,6 +301,11 @@ def compile(model: nn.Module, quantity: str | Sequence[str] = "ggn_diag", loss: 
             parameters (default: the gradient at the same point); its tensors are read at every
             call, entries for parameters outside the partition are ignored.
         allow_partial: a partition may leave parameters out.
+        partition_strategy: how ``partition_hessian``/``partition_d3`` are built: ``'dense'`` (all
+            S directions as one tangent index, S x S tangent pairs through every layer: few large
+            kernels, best on GPUs), ``'unrolled'`` (one push per subset and per unordered pair,
+            restricted to the subsets ranked after it: the fewest FLOPs, best on CPUs) or
+            ``'auto'`` (dense on CUDA, unrolled elsewhere).
         memory_budget: bytes; slice contractions (loop over indices, summing or concatenating the
             chunks) until the predicted peak memory of the program fits (``fn.explain()`` shows it).
         verify: run the IR verifier after every pass (default: ``HOGC_VERIFY`` env var).
@@ -341,11 +348,14 @@ def compile(model: nn.Module, quantity: str | Sequence[str] = "ggn_diag", loss: 
             missing = covered - set(direction)
             if missing:
                 raise HogcError(f"direction has no entry for {sorted(missing)} (one per parameter of the partition)")
-    elif partition is not None or direction is not None or allow_partial:
-        raise HogcError("partition=, direction= and allow_partial= only apply to the partition_* quantities")
+        if partition_strategy not in PARTITION_STRATEGIES:
+            raise HogcError(f"unknown partition_strategy {partition_strategy!r}; one of {PARTITION_STRATEGIES}")
+    elif partition is not None or direction is not None or allow_partial or partition_strategy != "auto":
+        raise HogcError("partition=, direction=, allow_partial= and partition_strategy= only apply to the "
+                        "partition_* quantities")
     return CompiledFunction(model, names, single, loss if loss is not None else nn.CrossEntropyLoss(),
                             mc_samples, seed, generator, optimize, verify, top_k, memory_budget, parts,
-                            None if direction is None else dict(direction), allow_partial)
+                            None if direction is None else dict(direction), allow_partial, partition_strategy)
 
 
 def resolve_partition(model: nn.Module, partition, allow_partial: bool = False) -> list[list[str]]:

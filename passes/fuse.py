@@ -13,10 +13,13 @@ import math
 from hogc.ir import Node, Op, Program, build as B
 from hogc.ir.node import Einsum
 
+from .paths import _path, path_flops
+
 
 __all__ = ["fuse_einsums", "MAX_TERMS"]
 
 MAX_TERMS = 16  # cap on the number of einsums a distributed sum may produce
+DISTRIBUTE_SLACK = 1.1  # a contracted sum is distributed when that costs at most 10% more FLOPs
 
 
 def _expanding(p: Node) -> bool:
@@ -68,6 +71,26 @@ def _terms(n: Node) -> list[tuple[float, Node]]:
     return [(1.0, n)]
 
 
+def _network_flops(e: Node) -> int:
+    if e.op is not Op.EINSUM or len(e.src) < 2:
+        return math.prod(e.shape) if e.op is Op.EINSUM else 0
+    shapes = tuple(x.shape for x in e.src)
+    return path_flops(e.arg, shapes, _path(e.arg, shapes, "auto"))
+
+
+def _distributing_pays(e: Node, k: int, terms, uses: dict[int, int]) -> bool:
+    """A sum of einsums used only by ``e``, which contracts it: distributing ``e`` over the terms
+    lets each fuse with its term (``<sum_n a_n b_n^T, U> = sum_n <a_n, U b_n>``, where ``U b`` may
+    be shared with other networks); do it when the fused terms cost at most ``DISTRIBUTE_SLACK``
+    times the sum and ``e`` (the FLOP count misses the sum's memory traffic and the sharing)."""
+    p = e.src[k]
+    if uses.get(p.uid, 0) > 1 or not all(t.op is Op.EINSUM for _, t in terms) or math.prod(e.shape) >= math.prod(p.shape):
+        return False
+    apart = _network_flops(e) + sum(_network_flops(t) + math.prod(p.shape) for _, t in terms)
+    fused = sum(_network_flops(_inline(r, k)) for _, r in _distribute(e, k))
+    return fused <= DISTRIBUTE_SLACK * apart
+
+
 def _merge_squares(e: Node) -> Node:
     """``x_L x_L`` inside an einsum is ``(x*x)_L``: identical operand pairs become one squared
     operand, so a squared product of factors is a product of squared factors
@@ -100,8 +123,8 @@ def _fuse(e: Node, uses: dict[int, int], merge_squares: bool = True) -> Node:
                 pending.append((sign, _inline(cur, k)))
                 break
             terms = _terms(p)
-            if len(terms) > 1 and all(_expanding(t) for _, t in terms) and \
-                    len(pending) + len(done) + len(terms) <= MAX_TERMS:
+            if len(terms) > 1 and len(pending) + len(done) + len(terms) <= MAX_TERMS and \
+                    (all(_expanding(t) for _, t in terms) or _distributing_pays(cur, k, terms, uses)):
                 pending.extend((sign * s, t) for s, t in _distribute(cur, k))
                 break
         else:

@@ -18,7 +18,7 @@ from hogc.ir import Node, Op, Program, build as B
 from hogc.ir.node import Einsum
 
 __all__ = ["contract_pairwise", "PATH_STRATEGIES", "register_path_strategy", "NetworkSchedule",
-           "network_steps", "einsum_flops", "letter_sizes", "MAX_SLICES", "OPTIMAL_MAX_OPERANDS"]
+           "network_steps", "einsum_flops", "path_flops", "letter_sizes", "MAX_SLICES", "OPTIMAL_MAX_OPERANDS"]
 
 #: The most chunks one network is cut into (the loop is unrolled into the program).
 MAX_SLICES = 256
@@ -154,6 +154,11 @@ def _built_flops(result: Node, operands) -> int:
     return flops
 
 
+def path_flops(eq: Einsum, shapes, path) -> int:
+    """FLOPs of contracting the network ``eq`` over operands of ``shapes`` along ``path``."""
+    return _stats(eq.inputs, eq.output, letter_sizes(eq.inputs, shapes), path)[0]
+
+
 def _stats(inputs, output, sizes, path) -> tuple[int, int]:
     """(FLOPs, largest intermediate in elements) of a path; the network's result is not an intermediate."""
     flops, largest = 0, 0
@@ -286,9 +291,95 @@ def _sliced(node: Node, path, parts: dict[str, int]) -> Node:
     return out
 
 
+#: Networks of at most this many operands weigh shared first steps (see ``_reuse_path``).
+REUSE_MAX_OPERANDS = 4
+
+
+def _step_key(a: Node, sa: str, b: Node, sb: str, out: str) -> tuple:
+    """What a pairwise step of two original operands computes, independent of the letters."""
+    if (a.uid, sa) > (b.uid, sb):
+        a, sa, b, sb = b, sb, a, sa
+    names: dict[str, int] = {}
+    for c in sa + sb:
+        names.setdefault(c, len(names))
+    return (a.uid, tuple(names[c] for c in sa), b.uid, tuple(names[c] for c in sb), frozenset(names[c] for c in out))
+
+
+def _detached(eq: Einsum) -> list[bool]:
+    """Operands that share no letter with another operand (outer factors such as one-hot
+    placements): they are best multiplied in last, and take no part in the reuse search."""
+    out = []
+    for k, s in enumerate(eq.inputs):
+        others = set("".join(t for i, t in enumerate(eq.inputs) if i != k))
+        out.append(not (set(s) & others))
+    return out
+
+
+def _first_steps(node: Node) -> dict[tuple, int]:
+    """Every possible first pairwise step among a network's connected operands: key -> FLOPs."""
+    eq: Einsum = node.arg
+    sizes = letter_sizes(eq.inputs, (x.shape for x in node.src))
+    core = [k for k, d in enumerate(_detached(eq)) if not d]
+    out = {}
+    for a, i in enumerate(core):
+        for j in core[a + 1:]:
+            (_, _, sa, sb, res), = network_steps(eq.inputs, eq.output, sizes, [(i, j)])[:1]
+            out[_step_key(node.src[i], sa, node.src[j], sb, res)] = pair_flops(sa, sb, res, sizes)
+    return out
+
+
+def _reuse_path(node: Node, counts: dict[tuple, int], built: set) -> list[tuple[int, int]] | None:
+    """The exhaustive best path when a first step is shared with other networks: a shared step's
+    FLOPs are divided among the networks that can use it (free once built), so
+    ``<d_n, U a_n>`` over many ``d`` contracts ``U a`` once. Detached operands come last.
+    None when nothing is shared or the connected part is too large to search."""
+    eq: Einsum = node.arg
+    detached = _detached(eq)
+    if not 3 <= detached.count(False) <= REUSE_MAX_OPERANDS:
+        return None
+    firsts = _first_steps(node)
+    if not any(counts.get(k, 0) > 1 or k in built for k in firsts):
+        return None
+    sizes = letter_sizes(eq.inputs, (x.shape for x in node.src))
+    best = None
+
+    def rec(subs, orig, loose, path, cost, big):
+        nonlocal best
+        if len(subs) - sum(loose) == 1:  # the connected part is contracted: outer factors last
+            rest = len(subs)
+            path = path + [(0, rest - 1 - k) for k in range(rest - 1)]
+            if best is None or (cost, big) < best[0]:
+                best = ((cost, big), path)
+            return
+        for i in range(len(subs)):
+            for j in range(i + 1, len(subs)):
+                if loose[i] or loose[j]:
+                    continue
+                (_, _, sa, sb, res), = network_steps(subs, eq.output, sizes, [(i, j)])[:1]
+                f = pair_flops(sa, sb, res, sizes)
+                if orig[i] is not None and orig[j] is not None:
+                    key = _step_key(node.src[orig[i]], sa, node.src[orig[j]], sb, res)
+                    f = 0 if key in built else f / max(counts.get(key, 1), 1)
+                keep = [k for k in range(len(subs)) if k not in (i, j)]
+                rec([subs[k] for k in keep] + [res], [orig[k] for k in keep] + [None],
+                    [loose[k] for k in keep] + [False], path + [(i, j)], cost + f,
+                    max(big, _numel(res, sizes)))
+
+    rec(list(eq.inputs), list(range(len(eq.inputs))), detached, [], 0.0, 0)
+    path = best[1]
+    (i, j) = path[0]
+    (_, _, sa, sb, res), = network_steps(eq.inputs, eq.output, sizes, [(i, j)])[:1]
+    built.add(_step_key(node.src[i], sa, node.src[j], sb, res))
+    return path
+
+
 def contract_pairwise(program: Program, strategy: str = "auto", cap_bytes: float | None = None,
                       itemsize: int = 4) -> Program:
     """Replace every einsum of three or more operands by the pairwise einsums of its path.
+
+    With ``auto``, small networks that can share a first pairwise step with other networks (the
+    same two operands contracted the same way) search their path with that step's cost divided
+    among them: ``U a`` is contracted once for every ``<d, U a>``.
 
     Args:
         program: any program.
@@ -303,25 +394,34 @@ def contract_pairwise(program: Program, strategy: str = "auto", cap_bytes: float
     Raises:
         ValueError: an unknown strategy (the message lists the registered ones).
     """
+    counts: dict[tuple, int] = {}
+    if strategy == "auto":
+        for node in program.nodes:
+            if node.op is Op.EINSUM and 3 <= _detached(node.arg).count(False) <= REUSE_MAX_OPERANDS:
+                for key in _first_steps(node):
+                    counts[key] = counts.get(key, 0) + 1
+    built: set = set()
     new: dict[int, Node] = {}
     records = []
     for node in program.nodes:
         src = tuple(new[s.uid] for s in node.src)
+        path = _reuse_path(node, counts, built) if counts and node.op is Op.EINSUM else None
         n2 = node if src == node.src else node.replace(src=src)
         if n2.op is Op.EINSUM and len(n2.src) >= 2:
-            n2, record = _schedule_network(n2, strategy, cap_bytes, itemsize)
+            n2, record = _schedule_network(n2, strategy, cap_bytes, itemsize, path)
             records.append((n2, record))
         new[node.uid] = n2
     out = Program.of({k: new[v.uid] for k, v in program.outputs.items()})
     return out.with_networks(records)
 
 
-def _schedule_network(node: Node, strategy: str, cap_bytes: float | None, itemsize: int
+def _schedule_network(node: Node, strategy: str, cap_bytes: float | None, itemsize: int, path=None
                       ) -> tuple[Node, NetworkSchedule]:
-    """One network: its path, its slices, the pairwise einsums that build it, and their record."""
+    """One network: its path (``strategy``'s unless given), its slices, the pairwise einsums that
+    build it, and their record."""
     eq: Einsum = node.arg
     shapes = tuple(x.shape for x in node.src)
-    path = _path(eq, shapes, strategy)
+    path = _path(eq, shapes, strategy) if path is None else path
     parts = _choose_slices(eq, shapes, path, itemsize, cap_bytes) if cap_bytes is not None else {}
     sizes = letter_sizes(eq.inputs, shapes)
     chunks = {c: len(_chunks(sizes[c], p)) for c, p in parts.items()}

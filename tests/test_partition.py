@@ -114,6 +114,10 @@ def test_partition_arguments_need_partition_quantities_and_full_directions():
         hogc.compile(model, "grad", partition="module")
     with pytest.raises(hogc.HogcError, match=r"direction has no entry for \['0.bias'\]"):
         hogc.compile(model, "partition_grad", direction={"0.weight": torch.zeros(2, 3)})
+    with pytest.raises(hogc.HogcError, match="unknown partition_strategy 'sparse'"):
+        hogc.compile(model, "partition_d3", partition_strategy="sparse")
+    with pytest.raises(hogc.HogcError, match="only apply to the partition_"):
+        hogc.compile(model, "grad", partition_strategy="dense")
 
 
 def _phi_derivatives(model, lf, x, y, part, u=None):
@@ -145,13 +149,17 @@ def test_partition_d3_matches_nested_torch_func(case):
     names = [k for k, _ in model.named_parameters()]
     g = torch.Generator().manual_seed(4)
     rand = {k: torch.randn(p.shape, generator=g, dtype=p.dtype) for k, p in model.named_parameters()}
-    # the subsets in depth order, reversed (only the cost depends on the order), and partial
+    # the subsets in depth order, reversed (only the cost depends on the order), partial; both strategies
     per_param = [[k] for k in names]
-    for part, u, partial in ((per_param, None, False), (per_param[::-1], rand, False),
-                             ([names[:2], names[3:]], rand, True)):
+    for part, u, partial, strategy in ((per_param, None, False, "unrolled"), (per_param[::-1], rand, False, "unrolled"),
+                                       ([names[:2], names[3:]], rand, True, "unrolled"),
+                                       (per_param, None, False, "dense"), ([names[3:], names[:2]], rand, True, "dense")):
         part = [sub for sub in part if sub]
         direction = None if u is None else {k: u[k] for sub in part for k in sub}
-        got = hogc.compile(model, ALL, loss=lf, partition=part, direction=direction, allow_partial=partial)(x, y)
+        fn = hogc.compile(model, ALL, loss=lf, partition=part, direction=direction, allow_partial=partial,
+                          partition_strategy=strategy)
+        got = fn(x, y)
+        assert fn.explain().strategies["partition_d3"].startswith(strategy)
         g1, g2, g3 = _phi_derivatives(model, lf, x, y, part, u)
         close(got["partition_grad"], g1)
         close(got["partition_hessian"], g2)

@@ -3,7 +3,7 @@
 With the parameters split into S subsets and u the gradient, one step is theta_s <- theta_s -
 eta_s g_s. The loss along these S directions is the polynomial
 phi(eta) = L - gbar^T eta + eta^T Hbar eta / 2 - Dbar[eta, eta, eta] / 6 + ...
-(``partition_grad``, ``partition_hessian``, ``partition_d3`` of hogc). Order 2 takes
+(``partition_grad``, ``partition_hessian``, ``partition_d3_diag`` of hogc). Order 2 takes
 eta = Hbar^-1 gbar; order 3 the anisotropic Nesterov cubic-regularized step
 argmin -gbar^T eta + eta^T Hbar eta / 2 + lam / 6 |D eta|^3 with D = Diag(|Dbar_sss|^(1/3)),
 found by a scalar root search on r = |D eta|. Rates are recomputed every ``every`` steps,
@@ -91,7 +91,7 @@ class PartitionNewton(torch.optim.Optimizer):
         self.subsets = resolve_partition(model, partition)
         index = {k: p for k, p in named}
         self.groups_by_subset = [[index[k] for k in sub] for sub in self.subsets]
-        qs = ("partition_grad", "partition_hessian") + (("partition_d3",) if order == 3 else ())
+        qs = ("partition_grad", "partition_hessian") + (("partition_d3_diag",) if order == 3 else ())
         self.fn = hogc_compile(model, qs, loss, partition=self.subsets)
         self.order, self.every, self.beta, self.lam = order, every, beta, lam
         self.damping, self.max_rate = damping, max_rate
@@ -105,7 +105,7 @@ class PartitionNewton(torch.optim.Optimizer):
         if self.order == 2:
             eta = newton_step(g, H, self.damping)
         else:
-            d = out["partition_d3"].diagonal(0, 0, 1).diagonal(0, 0, 1).abs().pow(1 / 3)
+            d = out["partition_d3_diag"].abs().pow(1 / 3)
             eta = cubic_step(g, H, d.clamp_min(1e-12), self.lam)
         return eta.clamp(0.0, self.max_rate)
 

@@ -35,6 +35,8 @@ class DerivativeBuilder:
         self.rng, self.mc_samples, self.top_k = rng, mc_samples, top_k
         self.partition: list[list[str]] | None = None  # subsets of parameter names (partition quantities)
         self.direction_given = False  # partition direction: INPUTs of role 'direction' (else the gradient)
+        self.partition_strategy = "auto"  # 'dense', 'unrolled' or 'auto' (by device_type)
+        self.device_type = "cpu"  # where the program will run
         self.N = output.shape[output.sample_axis()]
         self.sample = output.indices[output.sample_axis()]
         self.notes: dict[str, str] = {}  # quantity -> the strategy chosen and why (fn.explain())
@@ -136,13 +138,13 @@ class DerivativeBuilder:
 def derive(forward: Program, quantities: Sequence[str], spec: LossSpec, dtype: torch.dtype,
            param_shapes: dict[str, tuple[int, ...]], mc_samples: int = 1, top_k: int = 1,
            notes: dict[str, str] | None = None, partition: list[list[str]] | None = None,
-           direction_given: bool = False) -> Program:
+           direction_given: bool = False, device_type: str = "cpu", partition_strategy: str = "auto") -> Program:
     """The derivative program: forward program (indices inferred) -> one output per quantity and
     parameter (``"grad/0.weight"``) or per quantity (``"loss"``). Quantities share nodes.
 
     ``param_shapes`` lists every trainable parameter in model order; one the loss does not depend
     on (absent from ``forward``) gets explicit zeros. ``notes``, if given, receives the strategy
-    each quantity chose and why."""
+    each quantity chose and why; ``device_type`` (where the program runs) informs strategy choices."""
     out = forward.outputs["output"]
     used = {n.arg[1]: n for n in forward.inputs("param")}
     params = {name: used.get(name) or B.inp("param", name, tuple(
@@ -152,6 +154,7 @@ def derive(forward: Program, quantities: Sequence[str], spec: LossSpec, dtype: t
     rng = B.inp("rng", "generator", ())
     builder = DerivativeBuilder(out, target, params, spec, dtype, rng, mc_samples, top_k)
     builder.partition, builder.direction_given = partition, direction_given
+    builder.device_type, builder.partition_strategy = device_type, partition_strategy
     outputs: dict[str, Node] = {}
     for qname in quantities:
         q = get_quantity(qname)

@@ -3,12 +3,19 @@ a direction u (default: the gradient), and the derivatives of eta -> L(theta + U
 column s of U is u restricted to subset s:
 
 * ``partition_grad`` (S,): g_s = u_s^T g
-* ``partition_hessian`` (S, S): H_st = u_s^T H u_t, forward-over-reverse with the S restricted
-  directions travelling together as one tangent index.
-
+* ``partition_hessian`` (S, S): H_st = u_s^T H u_t, forward-over-reverse.
 * ``partition_d3`` (S, S, S): D_stv = D^3 L[u_s, u_t, u_v], forward-over-forward-over-reverse:
-  the Hessian-vector program of the S directions is pushed forward again along the S
-  directions (a second tangent index), the direction held constant.
+  the Hessian-vector program is pushed forward again along the directions, held constant.
+* ``partition_d3_diag`` (S,): D_sss, what the order-3 optimizer uses.
+
+Two strategies build them (``partition_strategy=``):
+
+* ``dense``: the S restricted directions travel together as one tangent index (a second one for
+  D): S x S tangent pairs through every layer, in few large kernels (GPUs).
+* ``unrolled``: one push per subset s and per unordered pair (s, t), each asked only for the
+  subsets ranked at or after it (symmetry: every unordered pair and triple once), so a push
+  never enters the layers before its subset, where the restricted direction is zero
+  (structural zeros). About S^3/6 instead of S^3 layer-pairs on a chain (CPUs).
 """
 from __future__ import annotations
 
@@ -21,7 +28,7 @@ from ..ir import Index, Node, Variance, build as B, topological_order
 from .builder import DerivativeBuilder
 from hogc.passes.push_forward import push_forward
 
-from .hessian import TANGENT, _sum_samples_first
+from .hessian import TANGENT, _sum_samples_first, _tangent_grads
 from .registry import register_quantity
 
 def _subsets(b: DerivativeBuilder) -> list[list[str]]:
@@ -68,6 +75,69 @@ def _partition_grad(b):
             t = B.einsum([L[0], L[1:], L[1:]], L[0], [_onehot(b, j, s), u[k], g])
             total = t if total is None else B.add(total, t)
     return total
+
+
+PARTITION_STRATEGIES = ("auto", "dense", "unrolled")
+
+
+def _dense(b: DerivativeBuilder, quantity: str) -> bool:
+    mode = b.partition_strategy
+    if mode == "auto":
+        mode = "dense" if b.device_type == "cuda" else "unrolled"
+        why = "on CUDA: few large kernels" if mode == "dense" else f"on {b.device_type}: the fewest FLOPs"
+    else:
+        why = "asked for (partition_strategy=)"
+    b.notes[quantity] = f"{mode} tangents ({why})"
+    return mode == "dense"
+
+
+def _restricted(b: DerivativeBuilder, u: dict[str, Node], index: Index) -> dict[str, Node]:
+    """Dense: the S directions as one tangent per parameter: (S, *param), u_k in the row of k's subset."""
+    out = {}
+    for j, subset in enumerate(_subsets(b)):
+        for k in subset:
+            L = B.letters(u[k].ndim + 1)
+            out[k] = B.einsum([L[0], L[1:]], L, [_onehot(b, j, index), u[k]])
+    return out
+
+
+def _apply_directions(b: DerivativeBuilder, u: dict[str, Node], per_param: dict[str, Node | None],
+                      lead: tuple[Index, ...], t: Index) -> Node:
+    """Dense: sum_k onehot_t(subset of k) <u_k, per_param_k>: per_param_k has indices (*lead, *param);
+    the result (*lead[::-1] in (s, [v]) order, t) is arranged as (s, t[, v])."""
+    order = (lead[-1], t) + tuple(reversed(lead[:-1]))  # (s, t) or (s, t, v) from lead (s,) or (v, s)
+    total = None
+    for j, subset in enumerate(_subsets(b)):
+        for k in subset:
+            if per_param.get(k) is None:
+                continue
+            L = B.letters(len(lead) + 1 + u[k].ndim)
+            ld, tt, P = L[:len(lead)], L[len(lead)], L[len(lead) + 1:]
+            out = ld[-1] + tt + ld[:-1][::-1]
+            term = B.einsum([ld + P, P, tt], out, [per_param[k], u[k], _onehot(b, j, t)], out_indices=order)
+            total = _accumulate(total, term)
+    if total is None:  # the loss does not depend on the covered parameters
+        total = B.const_tensor(torch.zeros(tuple(i.size for i in order), dtype=b.dtype), order)
+    return total
+
+
+def _dense_hessian(b: DerivativeBuilder) -> Node:
+    u = _direction(b)
+    s, t = _subset_index(b, "s"), _subset_index(b, "t")
+    hu = _tangent_grads(b, _restricted(b, u, s))  # per parameter (s, *param): (H U)_k, lower
+    return _apply_directions(b, u, hu, (s,), t)
+
+
+def _dense_d3(b: DerivativeBuilder) -> Node:
+    u = _direction(b)
+    s, t, v = _subset_index(b, "s"), _subset_index(b, "t"), _subset_index(b, "v")
+    first = _restricted(b, u, s)
+    hu = {k: h for k, h in _tangent_grads(b, first).items() if h is not None}
+    seeds: dict[int, Node | None] = {b.params[k].uid: x for k, x in _restricted(b, u, v).items()}
+    # the direction is a constant of the expansion: neither u nor the first tangents move with theta
+    seeds.update({x.uid: None for x in list(u.values()) + list(first.values())})
+    d2 = push_forward(hu, seeds)  # per parameter (v, s, *param)
+    return _apply_directions(b, u, d2, (v, s), t)
 
 
 def _depth_ranks(b: DerivativeBuilder) -> list[int]:
@@ -135,7 +205,9 @@ def _accumulate(total: Node | None, term: Node) -> Node:
 @register_quantity("partition_hessian", per_param=False)
 def _partition_hessian(b):
     """(S, S): u_s^T H u_t, exact (residual terms included), symmetric: one forward-over-reverse
-    pass per subset s, restricted to the subsets t ranked at or after s."""
+    pass per subset s, restricted to the subsets t ranked at or after s (or dense)."""
+    if _dense(b, "partition_hessian"):
+        return _dense_hessian(b)
     u, rank = _direction(b), _depth_ranks(b)
     out = (_subset_index(b, "s"), _subset_index(b, "t"))
     where = {k: t for t, sub in enumerate(_subsets(b)) for k in sub}
@@ -169,7 +241,10 @@ def _third(b: DerivativeBuilder, diagonal: bool) -> tuple[list, list[int], dict[
 @register_quantity("partition_d3", per_param=False)
 def _partition_d3(b):
     """(S, S, S): D^3 L[u_s, u_t, u_v], exact, symmetric in all index permutations; each unordered
-    triple is computed once, and the pushes skip the layers where a restricted direction is zero."""
+    triple is computed once, and the pushes skip the layers where a restricted direction is zero
+    (or dense)."""
+    if _dense(b, "partition_d3"):
+        return _dense_d3(b)
     entries, rank, where, u = _third(b, diagonal=False)
     out = tuple(_subset_index(b, n) for n in "stv")
     T = None
@@ -181,6 +256,13 @@ def _partition_d3(b):
 @register_quantity("partition_d3_diag", per_param=False)
 def _partition_d3_diag(b):
     """(S,): D^3 L[u_s, u_s, u_s], the diagonal of ``partition_d3`` (what the order-3 optimizer uses)."""
+    if _dense(b, "partition_d3_diag"):
+        S = len(_subsets(b))
+        delta = torch.zeros((S,) * 3, dtype=b.dtype)
+        delta[range(S), range(S), range(S)] = 1.0
+        out = (_subset_index(b, "s"),)
+        return B.einsum(["abc", "abc"], "a", [_dense_d3(b), B.const_tensor(delta, tuple(
+            _subset_index(b, n) for n in "stv"))], out_indices=out)
     entries, _, _, u = _third(b, diagonal=True)
     out = (_subset_index(b, "s"),)
     total = None

@@ -15,7 +15,7 @@ def depends_on(nodes: Iterable[Node], leaves: set[int]) -> set[int]:
     """uids of the nodes (in topological order) that depend on any of ``leaves``."""
     dep = set(leaves)
     for n in nodes:
-        if any(s.uid in dep for s in n.src):
+        if n.op is not Op.NONDIFF and any(s.uid in dep for s in n.src):  # piecewise constant
             dep.add(n.uid)
     return dep
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from hogc.errors import SampleMixingError
 from hogc.ir import SAMPLE, UNIT, Einsum, Index, Node, Op, Program, Variance, build as B
+from hogc.ir.nondiff import NONDIFF_FUNCTIONS
 from hogc.ir.printer import format_node
 
 __all__ = ["infer_indices"]
@@ -159,6 +160,11 @@ def infer_indices(program: Program, per_sample: bool = True) -> Program:
             for s in node.src:
                 for k in range(node.ndim):
                     same((s.uid, k), out[k], same_space=(k != dim))
+        elif node.op is Op.NONDIFF:
+            x = node.src[0]
+            for k, kx in NONDIFF_FUNCTIONS[node.arg[0]].kept(node.arg[1], x.ndim):
+                if x.shape[kx] == node.shape[k]:
+                    same((x.uid, kx), out[k])
 
     # --- resolve classes -------------------------------------------------------------
     up_root, up_par = var.find(_UP)

@@ -200,3 +200,8 @@ def _loss(node, tangents):
     g = Node(Op.LOSS_GRAD, (f, y), node.arg, tuple(i.dual() for i in f.indices))
     L = B.letters(f.ndim + 1)
     return B.einsum([L[1:], L], L[0], [g, t], out_indices=(t.indices[0],))
+
+
+@defjvp(Op.NONDIFF)
+def _nondiff(node, tangents):
+    return None  # piecewise constant (hogc.ir.nondiff)

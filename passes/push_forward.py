@@ -20,7 +20,7 @@ def push_forward(outputs: dict[str, Node], tangents: dict[int, Node]) -> dict[st
     for node in order:
         if node.uid in tan:
             continue
-        if node.op in (Op.INPUT, Op.CONST) or all(tan.get(s.uid) is None for s in node.src):
+        if node.op in (Op.INPUT, Op.CONST, Op.NONDIFF) or all(tan.get(s.uid) is None for s in node.src):
             tan[node.uid] = None
             continue
         rule = jvp_rules.get(node.op)

@@ -4,7 +4,8 @@ GGN, given the gradient ``g`` backpropagated to its output.
 The Hessian of ``L(F(theta))`` is the GGN plus, for every op ``v = op(u_1, ..., u_k)`` with a
 non-zero second derivative, ``g . d2op`` pulled back through the Jacobians of its inputs:
 
-* ``zero``: linear ops (sums, reshapes, slices, concatenation, broadcasting adds);
+* ``zero``: linear ops (sums, reshapes, slices, concatenation, broadcasting adds) and
+  piecewise-constant ones (``NONDIFF``: argmax masks, one-hot encodings);
 * ``diagonal``: elementwise ``y = f(u)``: ``diag(g * f''(u))`` in u's coordinates, with f''
   derived by sympy (``residual(node, g)`` builds it);
 * ``cross``: multilinear ops (``a * b``, ``x @ W``, einsums): the bilinear cross term between two
@@ -46,7 +47,7 @@ def defresidual(kind: str, *ops: Op):
 
 
 defresidual("zero", Op.INPUT, Op.CONST, Op.ADD, Op.SUB, Op.SUM, Op.RESHAPE, Op.PERMUTE, Op.EXPAND, Op.SLICE,
-            Op.PAD, Op.INDEX, Op.INDEX_ADD, Op.CAT)()
+            Op.PAD, Op.INDEX, Op.INDEX_ADD, Op.CAT, Op.NONDIFF)()
 defresidual("cross", Op.MUL, Op.EINSUM)()
 defresidual("curved", Op.DIV)()
 defresidual("loss", Op.LOSS, Op.LOSS_GRAD, Op.LOSS_SQRT_HESSIAN, Op.LOSS_SQRT_HESSIAN_MC,

@@ -246,3 +246,8 @@ def _cat(node, cot, ctx, k):
     start = sum(x.shape[dim] for x in node.src[:k])
     x = node.src[k]
     return B.slice_(cot, ctx.nlead(node) + dim, start, start + x.shape[dim], 1, indices=ctx.layout(x))
+
+
+@defrule("piecewise-constant", Op.NONDIFF)
+def _nondiff(node, cot, ctx):
+    return [None]  # zero derivative: selections, encodings, invariant shifts (hogc.ir.nondiff)

@@ -400,3 +400,4 @@ def _detach(x):
 @lowering("_to_copy", "to", "type_as")
 def _to(x, *a, out_dtype, **kw):
     return x
+from . import nn_ops  # noqa: E402,F401  (registers the layer lowerings)

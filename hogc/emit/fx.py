@@ -16,6 +16,7 @@ from hogc.passes import elementwise as E
 from hogc.passes.paths import letter_sizes
 
 from ..ir import Constant, Node, Op, Program
+from ..ir.nondiff import NONDIFF_FUNCTIONS
 from . import runtime as R
 
 __all__ = ["emit", "EMITTERS"]
@@ -250,6 +251,12 @@ _STRUCTURAL = {Op.SLICE: R.slice_dim, Op.PAD: R.pad_dim, Op.INDEX: R.index_dim, 
 @emitter(*_STRUCTURAL)
 def _structural(g, node, args, gm):
     return _fn(g, _STRUCTURAL[node.op], args[0], *node.arg)
+
+
+@emitter(Op.NONDIFF)
+def _nondiff(g, node, args, gm):
+    fname, params = node.arg
+    return _fn(g, NONDIFF_FUNCTIONS[fname].run, args[0], *params)
 
 
 @emitter(Op.CAT)

@@ -310,3 +310,16 @@ def cat(xs: Sequence[Node], dim: int, indices=None, where=None) -> Node:
                         ii[dim].variance)
         indices = tuple(ii)
     return Node(Op.CAT, xs, dim, tuple(indices), where)
+
+
+def nondiff(fname: str, params: tuple, x: Node, where=None) -> Node:
+    """A piecewise-constant function of ``x`` (``hogc.ir.nondiff``): kept axes keep x's indices."""
+    from .nondiff import NONDIFF_FUNCTIONS
+
+    fn = NONDIFF_FUNCTIONS[fname]
+    shape = fn.shape(params, x.shape)
+    kept = dict(fn.kept(params, x.ndim))
+    indices = tuple(x.indices[kept[k]] if k in kept and x.shape[kept[k]] == d else
+                    Index(f"{fname}.{k}", d, f"{fname}.{k}", Variance.UP) if d != 1 else unit()
+                    for k, d in enumerate(shape))
+    return Node(Op.NONDIFF, (x,), (fname, tuple(params)), indices, where)

@@ -40,6 +40,7 @@ class Op(Enum):
     INDEX = auto()  # arg: (dim, indices): gather with constant indices
     INDEX_ADD = auto()  # arg: (dim, indices, size): transpose of INDEX (scatter-add into zeros)
     CAT = auto()  # arg: dim
+    NONDIFF = auto()  # arg: (fname, params); a piecewise-constant function of src (x,): zero derivatives
 
     # --- linear algebra on finished results ------------------------------------
     EIGVALSH = auto()  # arg: k; the k largest eigenvalues of a symmetric matrix, descending

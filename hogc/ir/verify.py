@@ -84,6 +84,10 @@ def _check_shape(node: Node, names) -> None:  # noqa: C901 (a table would be lon
         need(src[0].shape[dim] == len(idx) and shape[dim] == size, "index_add sizes")
     elif op is Op.CAT:
         need(sum(x.shape[a] for x in src) == shape[a], "cat sizes")
+    elif op is Op.NONDIFF:
+        from .nondiff import NONDIFF_FUNCTIONS
+        need(a[0] in NONDIFF_FUNCTIONS and NONDIFF_FUNCTIONS[a[0]].shape(a[1], src[0].shape) == shape,
+             "piecewise-constant function shape")
     elif op is Op.EIGVALSH:
         x = src[0]
         need(x.ndim == 2 and x.shape[0] == x.shape[1] and shape == (min(a, x.shape[0]),), "eigvalsh of a square matrix")

@@ -84,9 +84,11 @@ class CompiledFunction:
                                     f"axis; the sample axis {where}")
         shapes = {k: tuple(p.shape) for k, p in self.model.named_parameters() if p.requires_grad}
         notes: dict[str, str] = {}
-        unopt = derive(forward, self.quantities, self.spec, x.dtype, shapes, self.mc_samples, self.top_k, notes,
+        dtype = x.dtype if x.is_floating_point() else next(p.dtype for _, p in self.model.named_parameters())
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        unopt = derive(forward, self.quantities, self.spec, dtype, shapes, self.mc_samples, self.top_k, notes,
                        self.partition, self.direction is not None, x.device.type, self.partition_strategy)
-        passes = optimization_pipeline(self.optimize, self.memory_budget, x.element_size())
+        passes = optimization_pipeline(self.optimize, self.memory_budget, itemsize)
         program = run_pipeline(unopt, passes, self.verify)
         used = {n.arg for n in program.inputs()}
         order = [("param", k) for k, p in self.model.named_parameters() if p.requires_grad] + \
@@ -96,11 +98,11 @@ class CompiledFunction:
                 [("direction", k) for k, p in self.model.named_parameters() if p.requires_grad] + \
                 [("data", "x"), ("target", "y"), ("rng", "generator")]
         inputs = [i for i in order if i in used or i[0] in ("data", "target")]
-        _check_fits(program, x, self.optimize, self.memory_budget)
+        _check_fits(program, x, self.optimize, self.memory_budget, itemsize)
         gm = emit(program, inputs).to(x.device)  # captured constants follow the inputs
         classes = out.shape[1] if self.spec.kind == "cross_entropy" else None
         return _Specialization(program, unopt, gm, inputs, classes,
-                               {k: v for k, v in notes.items() if k in self.quantities}, x.element_size())
+                               {k: v for k, v in notes.items() if k in self.quantities}, itemsize)
 
     def specialize(self, x: torch.Tensor, y: torch.Tensor, named=None) -> _Specialization:
         """Compile (or fetch from the cache) the program for these input shapes and dtypes."""
@@ -264,13 +266,13 @@ def _device_memory(device: torch.device) -> int | None:
     return None
 
 
-def _check_fits(program, x: torch.Tensor, optimize: str, memory_budget: int | None) -> None:
+def _check_fits(program, x: torch.Tensor, optimize: str, memory_budget: int | None, itemsize: int) -> None:
     """Refuse a program whose predicted peak exceeds the device's whole memory: it could only
     crash (or be killed) at run time."""
     total = _device_memory(x.device)
     if total is None:
         return
-    peak = predicted_peak(program, x.element_size()).peak
+    peak = predicted_peak(program, itemsize).peak
     if peak > total:
         raise MemoryBudgetError(
             f"the compiled program's predicted peak memory is {peak / 2**30:.1f} GiB with optimize={optimize!r}, "

@@ -155,7 +155,7 @@ def infer_indices(program: Program, per_sample: bool = True) -> Program:
             for k in range(x.ndim):
                 if x.shape[k] == node.shape[k + off]:
                     same((x.uid, k), out[k + off])
-        elif node.op in (Op.SLICE, Op.INDEX, Op.CAT):
+        elif node.op in (Op.SLICE, Op.INDEX, Op.CAT, Op.PAD):
             dim = node.arg if node.op is Op.CAT else node.arg[0]
             for s in node.src:
                 for k in range(node.ndim):
@@ -269,10 +269,10 @@ def _check_samples(old: Node, node: Node) -> None:
                 fail("a contraction over the sample axis")
     elif node.op is Op.SUM and node.src[0].has_sample and not node.has_sample:
         fail("a sum over the sample axis")
-    elif node.op in (Op.SLICE, Op.INDEX, Op.CAT):
+    elif node.op in (Op.SLICE, Op.INDEX, Op.CAT, Op.PAD):
         dim = node.arg if node.op is Op.CAT else node.arg[0]
         if any(x.sample_axis() == dim for x in node.src):
-            fail("slicing, indexing or concatenating along the sample axis")
+            fail("slicing, padding, indexing or concatenating along the sample axis")
         if node.op is Op.CAT and len(set(in_s)) > 1:
             fail("concatenating per-sample and shared tensors")
     elif node.op is Op.RESHAPE and node.src[0].has_sample and not node.has_sample:

@@ -11,7 +11,7 @@ import torch
 import torch.fx
 
 from ..errors import InputDtypeError, UnsupportedOpError
-from ..ir import SAMPLE, Index, Node, Op, Variance, Where, build as B
+from ..ir import SAMPLE, Index, Node, Op, Variance, Where, build as B, topological_order
 from ..ir.node import provenance
 from .aten import FACTORIES, IDENTITY, LOWERINGS, VIEW_OPS, fresh_indices, supported_ops
 
@@ -46,9 +46,8 @@ def lower_graph(gm: torch.fx.GraphModule, param_names: list[str], trainable: set
     for ph, name in zip(placeholders, names):
         shape = tuple(ph.meta["val"].shape)
         if name == "x":
-            if not ph.meta["val"].is_floating_point():
-                raise InputDtypeError(f"input x has dtype {ph.meta['val'].dtype}; hogc needs floating-point "
-                                      f"inputs to differentiate through (got an integer/bool tensor)")
+            integer_x = not ph.meta["val"].is_floating_point()
+            x_node_dtype = ph.meta["val"].dtype
             if len(shape) == 0:
                 raise InputDtypeError("input x must have a leading batch (sample) axis")
             idx = (Index("n", shape[0], SAMPLE, Variance.BATCH),) + fresh_indices(shape[1:], "x")[:]
@@ -149,6 +148,11 @@ def lower_graph(gm: torch.fx.GraphModule, param_names: list[str], trainable: set
         env[node] = res
     if not isinstance(out, Node):
         raise UnsupportedOpError("the model must return a single tensor")
+    if integer_x:  # ids (tokens): only piecewise-constant functions (an embedding's one-hot) may read them
+        users = [n for n in topological_order([out]) if any(s is x_node for s in n.src)]
+        if any(n.op is not Op.NONDIFF for n in users):
+            raise InputDtypeError(f"input x has dtype {x_node_dtype}; hogc needs floating-point inputs to "
+                                  f"differentiate through (integer/bool inputs may only index an embedding)")
     return out, params, x_node
 
 

@@ -17,9 +17,9 @@ import math
 import torch
 
 from ..errors import UnsupportedOpError
-from ..ir import Node, build as B
+from ..ir import Constant, Node, Op, build as B
 from ..ir.nondiff import pool_output_size
-from .aten import LOWERINGS, _add, _mean, _mul, _sub, _sum, _unary, fresh_indices, lowering
+from .aten import _add, _mean, _mul, _sub, _sum, _unary, fresh_indices, lowering
 
 _exp, _log, _rsqrt = _unary("exp"), _unary("log"), _unary("rsqrt")
 
@@ -216,3 +216,145 @@ for _d in (1, 2, 3):
     lowering(f"avg_pool{_d}d")(_per_dim(_avg_pool, _d))
     lowering(f"adaptive_avg_pool{_d}d")(_per_dim(_adaptive_avg, _d))
     lowering(f"max_pool{_d}d")(_per_dim(_max_pool, _d))
+
+
+# --- normalization ------------------------------------------------------------------------------
+
+def _normalize(x: Node, dims: list[int], eps: float) -> Node:
+    """(x - mean) / sqrt(var + eps) over ``dims`` (biased variance, as the norm layers use)."""
+    xc = _sub(x, _mean(x, dims, True))
+    var = _mean(_mul(xc, xc), dims, True)
+    return _mul(xc, _rsqrt(_add(var, float(eps))))
+
+
+def _affine(y: Node, weight, bias, shape) -> Node:
+    if weight is not None:
+        y = _mul(y, B.reshape(weight, shape))
+    if bias is not None:
+        y = _add(y, B.reshape(bias, shape))
+    return y
+
+
+@lowering("layer_norm")
+def _layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, cudnn_enable=True):
+    d = len(normalized_shape)
+    return _affine(_normalize(x, list(range(x.ndim - d, x.ndim)), eps), weight, bias, tuple(normalized_shape))
+
+
+@lowering("group_norm")
+def _group_norm(x, num_groups, weight=None, bias=None, eps=1e-5, cudnn_enabled=True):
+    N, C, S = x.shape[0], x.shape[1], x.shape[2:]
+    g = B.reshape(x, (N, num_groups, C // num_groups) + S)
+    y = B.reshape(_normalize(g, list(range(2, g.ndim)), eps), x.shape)
+    return _affine(y, weight, bias, (C,) + (1,) * len(S))
+
+
+@lowering("rms_norm")
+def _rms_norm(x, normalized_shape, weight=None, eps=None, *, out_dtype):
+    eps = torch.finfo(out_dtype).eps if eps is None else eps
+    dims = list(range(x.ndim - len(normalized_shape), x.ndim))
+    y = _mul(x, _rsqrt(_add(_mean(_mul(x, x), dims, True), float(eps))))
+    return _affine(y, weight, None, tuple(normalized_shape))
+
+
+@lowering("batch_norm")
+def _batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps, cudnn_enabled):
+    shape = (x.shape[1],) + (1,) * (x.ndim - 2)
+    if training or running_mean is None:  # batch statistics: a mean over the samples (couples them)
+        y = _normalize(x, [0] + list(range(2, x.ndim)), eps)
+    else:
+        y = _mul(_sub(x, B.reshape(running_mean, shape)), B.reshape(_rsqrt(_add(running_var, float(eps))), shape))
+    return _affine(y, weight, bias, shape)
+
+
+@lowering("var", "std")
+def _var(x, dim=None, unbiased=True, keepdim=False, *, correction=None, op_name):
+    dims = list(range(x.ndim)) if dim is None or dim == [] else [d % x.ndim for d in
+                                                                  (dim if isinstance(dim, (list, tuple)) else [dim])]
+    if isinstance(unbiased, bool):
+        corr = (1 if unbiased else 0) if correction is None else correction
+    else:  # var.correction passes the correction positionally-free; 'unbiased' may hold keepdim
+        corr = 1 if correction is None else correction
+    count = math.prod(x.shape[d] for d in dims)
+    xc = _sub(x, _mean(x, dims, True))
+    v = B.scale(_sum(_mul(xc, xc), dims, keepdim), 1.0 / (count - corr))
+    return _unary("sqrt")(v) if op_name == "std" else v
+
+
+# --- softmax and attention ----------------------------------------------------------------------
+
+def _shifted(x: Node, dim: int) -> Node:
+    """x - max(x) along dim, the max held constant (softmax is invariant to the shift)."""
+    return _sub(x, B.nondiff("amax", ((dim % x.ndim,),), x))
+
+
+@lowering("softmax", "_softmax")
+def _softmax(x, dim, dtype=None):
+    e = _exp(_shifted(x, dim))
+    return B.div(e, _sum(e, [dim], True))
+
+
+@lowering("log_softmax", "_log_softmax")
+def _log_softmax(x, dim, dtype=None):
+    z = _shifted(x, dim)
+    return _sub(z, _log(_sum(_exp(z), [dim], True)))
+
+
+@lowering("scaled_dot_product_attention")
+def _sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None, enable_gqa=False, out_dtype):
+    if dropout_p:
+        raise UnsupportedOpError("attention dropout (dropout_p > 0): call model.eval() or set dropout_p=0")
+    if enable_gqa:
+        raise UnsupportedOpError("scaled_dot_product_attention with enable_gqa=True")
+    E, Lq, S = q.shape[-1], q.shape[-2], k.shape[-2]
+    scale = 1.0 / math.sqrt(E) if scale is None else scale
+    lead = "abcdefgh"[:q.ndim - 2]
+    s = B.scale(B.einsum([lead + "ie", lead + "je"], lead + "ij", [q, k]), scale)
+    if is_causal:
+        mask = torch.zeros(Lq, S, dtype=out_dtype).masked_fill(~torch.ones(Lq, S, dtype=torch.bool).tril(), -math.inf)
+        s = _add(s, _const(mask, "causal"))
+    if attn_mask is not None:
+        if attn_mask.op is not Op.CONST or not isinstance(attn_mask.arg, Constant):
+            raise UnsupportedOpError("scaled_dot_product_attention with an attn_mask computed inside the model "
+                                     "(pass a constant mask, or is_causal=True)")
+        m = attn_mask.arg.tensor
+        additive = torch.zeros(m.shape, dtype=out_dtype).masked_fill(~m, -math.inf) if m.dtype == torch.bool \
+            else m.to(out_dtype)
+        s = _add(s, _const(additive, "mask"))
+    p = _softmax(s, -1)
+    return B.einsum([lead + "ij", lead + "jf"], lead + "if", [p, v])
+
+
+# --- embedding and padding ----------------------------------------------------------------------
+
+@lowering("embedding")
+def _embedding(weight, indices, padding_idx=-1, scale_grad_by_freq=False, sparse=False, *, out_dtype):
+    if padding_idx is not None and padding_idx >= 0:
+        raise UnsupportedOpError("embedding with padding_idx (its row gets no gradient, which hogc's exact "
+                                 "derivatives do not model yet); use padding_idx=None")
+    if scale_grad_by_freq:
+        raise UnsupportedOpError("embedding with scale_grad_by_freq=True")
+    hot = B.nondiff("one_hot", (weight.shape[0], str(out_dtype).split(".")[-1]), indices)
+    L = "abcdefgh"[:indices.ndim]
+    return B.einsum([L + "v", "vd"], L + "d", [hot, weight])
+
+
+@lowering("pad", "constant_pad_nd")
+def _pad(x, pad, mode="constant", value=None):
+    if mode != "constant":
+        raise UnsupportedOpError(f"padding mode '{mode}' (only 'constant' is supported)")
+    y = x
+    for k in range(len(pad) // 2):
+        dim = x.ndim - 1 - k
+        left, right = pad[2 * k], pad[2 * k + 1]
+        n = y.shape[dim]
+        if left < 0 or right < 0:
+            y = B.slice_(y, dim, max(-left, 0), n - max(-right, 0))
+            left, right, n = max(left, 0), max(right, 0), y.shape[dim]
+        if left or right:
+            y = B.pad(y, dim, left, 1, n + left + right, fresh_indices((n + left + right,), "pad")[0])
+    if value:
+        ones = torch.ones(x.shape)
+        filled = torch.nn.functional.pad(ones, list(pad), value=0.0)
+        y = _add(y, _const((1 - filled) * value, "pad"))
+    return y

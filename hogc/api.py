@@ -136,7 +136,7 @@ class CompiledFunction:
             self._check_partition(named)
         spec = self.specialize(x, y, named)
         if spec.num_classes is not None:
-            check_class_range(y, spec.num_classes)
+            check_class_range(y, spec.num_classes, self.spec.ignore_index)
         values = {("param" if p.requires_grad else "buffer", k): p for k, p in named}
         values.update({("buffer", k): b for k, b in self.model.named_buffers()})
         values[("data", "x")] = x

@@ -136,8 +136,15 @@ def _einsum(node: Node, cot: Node, ctx: VjpContext, k: int) -> Node:
     layout = ctx.layout(x)
     xl = ctx.nlead(x)
     kept = [d for d in range(x.ndim) if d not in missing]
-    r = B.einsum([cot_s] + [s for s, _ in others], res_lead + "".join(s_k[d] for d in kept),
-                 [cot] + [o for _, o in others], metric=eq.metric,
+    out_s = res_lead + "".join(s_k[d] for d in kept)
+    # a hyperedge of the node's result (an output letter in two or more operands, like a window
+    # index shared by a pooling pattern and its argmax mask) is summed here over three or more
+    # operands: a basis-dependent (diagonal) contraction, marked like a metric one
+    terms = [cot_s] + [s for s, _ in others]
+    hyper = {ch for ch in eq.output if ch not in out_s and sum(ch in t for t in terms) > 2
+             and not node.indices[eq.output.index(ch)].is_batch}
+    r = B.einsum(terms, out_s,
+                 [cot] + [o for _, o in others], metric=eq.metric | hyper,
                  out_indices=layout[:xl] + tuple(layout[xl + d] for d in kept))
     return _broadcast_back(r, x, node, ctx, missing) if missing else r
 

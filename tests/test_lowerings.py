@@ -103,6 +103,39 @@ CASES = {
     "zeros_like": lambda h, w: h + torch.zeros_like(h),
     "full_like": lambda h, w: h * torch.full_like(w, 3.0),
     "clone": lambda h, w: h.clone(),
+    # layers (hogc/capture/nn_ops.py); h is (N, 4), w (4,)
+    "conv1d": lambda h, w: F.conv1d(h.view(-1, 1, 4), w[:3].view(1, 1, 3), w[3:], padding=1).flatten(1),
+    "conv2d": lambda h, w: F.conv2d(h.view(-1, 1, 2, 2), w.view(2, 1, 1, 2).expand(2, 1, 2, 2).contiguous(),
+                                    stride=1, padding=(1, 0), dilation=1).flatten(1),
+    "conv3d": lambda h, w: F.conv3d(h.view(-1, 4, 1, 1, 1), w.view(1, 4, 1, 1, 1), w[:1], padding=1).flatten(1),
+    "conv_transpose1d": lambda h, w: F.conv_transpose1d(h.view(-1, 2, 2), w.view(2, 1, 2), stride=2).flatten(1),
+    "conv_transpose2d": lambda h, w: F.conv_transpose2d(h.view(-1, 1, 2, 2), w.view(1, 1, 2, 2), stride=1,
+                                                        padding=1, output_padding=0).flatten(1),
+    "conv_transpose3d": lambda h, w: F.conv_transpose3d(h.view(-1, 1, 1, 2, 2), w.view(1, 1, 1, 2, 2)).flatten(1),
+    "avg_pool1d": lambda h, w: F.avg_pool1d(h.view(-1, 1, 4) * w, 3, 1, padding=1, count_include_pad=False).flatten(1),
+    "avg_pool2d": lambda h, w: F.avg_pool2d(h.view(-1, 1, 2, 2) * w.view(2, 2), 2, 1, padding=1,
+                                            ceil_mode=True).flatten(1),
+    "avg_pool3d": lambda h, w: F.avg_pool3d(h.view(-1, 1, 1, 2, 2), (1, 2, 1)).flatten(1),
+    "adaptive_avg_pool1d": lambda h, w: F.adaptive_avg_pool1d(h.view(-1, 1, 4) * w, 3).flatten(1),
+    "adaptive_avg_pool2d": lambda h, w: F.adaptive_avg_pool2d(h.view(-1, 1, 2, 2), (3, 1)).flatten(1),
+    "adaptive_avg_pool3d": lambda h, w: F.adaptive_avg_pool3d(h.view(-1, 1, 1, 2, 2), 1).flatten(1),
+    "max_pool1d": lambda h, w: F.max_pool1d(h.view(-1, 1, 4) * w, 2, 1, padding=1).flatten(1),
+    "max_pool2d": lambda h, w: F.max_pool2d(h.view(-1, 1, 2, 2), 2, 1, padding=1, ceil_mode=True).flatten(1),
+    "max_pool3d": lambda h, w: F.max_pool3d(h.view(-1, 1, 1, 2, 2), (1, 2, 1)).flatten(1),
+    "layer_norm": lambda h, w: F.layer_norm(h, (4,), w, w * 0.5),
+    "group_norm": lambda h, w: F.group_norm(h.view(-1, 4, 1), 2, w, w),
+    "rms_norm": lambda h, w: F.rms_norm(h, (4,), w, eps=1e-3),
+    "batch_norm": lambda h, w: F.batch_norm(h, torch.linspace(-1, 1, 4, dtype=h.dtype),
+                                            torch.linspace(0.5, 2, 4, dtype=h.dtype), w, w, training=False),
+    "var": lambda h, w: h.var(1, keepdim=True) + h.var(1, correction=0, keepdim=True) * w,
+    "std": lambda h, w: h.std(1, keepdim=True) * w,
+    "softmax": lambda h, w: torch.softmax(h * w, 1),
+    "log_softmax": lambda h, w: torch.log_softmax(h * w * 10, 1),
+    "scaled_dot_product_attention": lambda h, w: F.scaled_dot_product_attention(
+        h.view(-1, 2, 2), (h * w).view(-1, 2, 2), h.view(-1, 2, 2), is_causal=True).flatten(1),
+    "linspace": lambda h, w: h * torch.linspace(0.5, 2.0, 4, dtype=h.dtype),
+    "embedding": lambda h, w: h * F.embedding(T([1, 0, 3, 2]), w.unsqueeze(1)).squeeze(1),
+    "pad": lambda h, w: F.pad(h * w, (1, -1)) + F.pad(h, (2, 0), value=1.5)[:, :4],
 }
 
 
@@ -141,6 +174,7 @@ def test_lowering_against_torch_func(name):
 
 CAPTURED_AS = {"to", "tensor", "type_as"}  # `to` of the same dtype vanishes; torch.tensor(...) becomes a constant
 UNREACHABLE = {  # lowerings for ATen ops that pre-dispatch tracing does not emit for these calls
+    "convolution", "_softmax", "_log_softmax", "constant_pad_nd",  # lower-level spellings of covered ops
     "_unsafe_view", "_to_copy",  # _to_copy only for real dtype changes, which raise (test_errors)
     "detach",  # detach of a parameter-dependent value is an error (test_errors)
 }

@@ -24,7 +24,7 @@ VIEW_OPS = {"view", "reshape", "_unsafe_view", "flatten", "unflatten", "squeeze"
             "reshape_as", "t", "transpose", "swapaxes", "permute", "movedim", "expand", "expand_as", "slice",
             "narrow", "select", "split", "split_with_sizes", "chunk", "unbind", "alias", "detach", "getitem"}
 #: Factories: evaluated at capture into constants.
-FACTORIES = {"ones", "zeros", "full", "arange", "eye", "ones_like", "zeros_like", "full_like", "tensor"}
+FACTORIES = {"ones", "zeros", "full", "arange", "eye", "ones_like", "zeros_like", "full_like", "tensor", "linspace"}
 #: ATen ops that are the identity for hogc (copies, aliases).
 IDENTITY = {"clone", "contiguous", "alias", "lift_fresh_copy", "detach_"}
 

@@ -25,9 +25,9 @@ def loss_spec(loss: nn.Module) -> LossSpec:
         raise UnsupportedLossError(f"{type(loss).__name__}(reduction='{loss.reduction}'): use 'mean' or "
                                    f"'sum' (per-sample losses are the batch_* quantities)")
     if kind == "cross_entropy":
-        if loss.weight is not None or loss.label_smoothing != 0.0 or loss.ignore_index != -100:
-            raise UnsupportedLossError("CrossEntropyLoss with weight, label_smoothing or ignore_index "
-                                       "is not supported yet")
+        if loss.weight is not None:
+            raise UnsupportedLossError("CrossEntropyLoss with class weights is not supported yet")
+        return LossSpec(kind, loss.reduction, int(loss.ignore_index), float(loss.label_smoothing))
     if kind == "bce_with_logits" and (loss.weight is not None or loss.pos_weight is not None):
         raise UnsupportedLossError("BCEWithLogitsLoss with weight or pos_weight is not supported yet")
     return LossSpec(kind, loss.reduction)
@@ -38,17 +38,19 @@ def check_target(spec: LossSpec, out_shape: tuple[int, ...], y: torch.Tensor) ->
     if not isinstance(y, torch.Tensor):
         raise TargetShapeError(f"target must be a tensor, got {type(y).__name__}")
     if spec.kind == "cross_entropy":
-        if len(out_shape) != 2:
-            raise TargetShapeError(f"CrossEntropyLoss needs model output (N, C), got {tuple(out_shape)}")
+        if len(out_shape) < 2:
+            raise TargetShapeError(f"CrossEntropyLoss needs model output (N, C) or (N, C, d1, ...), got "
+                                   f"{tuple(out_shape)}")
         if y.is_floating_point():
             raise TargetShapeError("CrossEntropyLoss target must hold class indices (integer dtype); "
                                    f"got {y.dtype} (class probabilities are not supported yet)")
         if y.dtype != torch.long:
             raise TargetShapeError(f"CrossEntropyLoss class indices must be torch.long (int64), got {y.dtype}: "
                                    f"pass y.long()")
-        if tuple(y.shape) != out_shape[:1]:
+        want = out_shape[:1] + tuple(out_shape[2:])
+        if tuple(y.shape) != want:
             raise TargetShapeError(f"CrossEntropyLoss target shape {tuple(y.shape)} does not fit model "
-                                   f"output {tuple(out_shape)}: expected ({out_shape[0]},) class indices")
+                                   f"output {tuple(out_shape)}: expected {want} class indices")
     else:
         if tuple(y.shape) != tuple(out_shape):
             raise TargetShapeError(f"{spec.kind} target shape {tuple(y.shape)} != model output shape "
@@ -58,13 +60,14 @@ def check_target(spec: LossSpec, out_shape: tuple[int, ...], y: torch.Tensor) ->
 
 
 def num_columns(spec: LossSpec, out_shape: tuple[int, ...]) -> int:
-    """Number of columns C of the exact loss-Hessian square root: the output size per sample
-    (classes for cross-entropy, every output element for MSE and BCE)."""
-    return math.prod(out_shape[1:])
+    """Number of columns C of the exact loss-Hessian square root: the classes for cross-entropy
+    (its Hessian is block-diagonal over extra positions), every output element for MSE and BCE."""
+    return out_shape[1] if spec.kind == "cross_entropy" else math.prod(out_shape[1:])
 
 
-def check_class_range(y: torch.Tensor, num_classes: int) -> None:
-    """Class indices must lie in [0, C): checked on every call (the values change, the shape not)."""
+def check_class_range(y: torch.Tensor, num_classes: int, ignore_index: int = -100) -> None:
+    """Class indices must lie in [0, C) (or equal ``ignore_index``): checked on every call."""
+    y = y[y != ignore_index]
     if not y.numel():
         return
     lo, hi = (int(v) for v in torch.aminmax(y))  # one reduction, one device sync

@@ -266,28 +266,29 @@ def _cat(g, node, args, gm):
 
 @emitter(Op.LOSS)
 def _loss(g, node, args, gm):
-    return _fn(g, R.loss_value, *args, node.arg.kind, node.arg.reduction)
+    return _fn(g, R.loss_value, *args, *node.arg.runtime_args())
 
 
 @emitter(Op.LOSS_GRAD)
 def _loss_grad(g, node, args, gm):
-    return _fn(g, R.loss_grad, *args, node.arg.kind, node.arg.reduction)
+    return _fn(g, R.loss_grad, *args, *node.arg.runtime_args())
 
 
 @emitter(Op.LOSS_SQRT_HESSIAN)
 def _loss_sqrt(g, node, args, gm):
-    return _fn(g, R.loss_sqrt_hessian, *args, node.arg.kind, node.arg.reduction)
+    return _fn(g, R.loss_sqrt_hessian, *args, *node.arg.runtime_args())
 
 
 @emitter(Op.LOSS_SQRT_HESSIAN_JVP)
 def _loss_sqrt_jvp(g, node, args, gm):
-    return _fn(g, R.loss_sqrt_hessian_jvp, *args, node.arg.kind, node.arg.reduction)
+    return _fn(g, R.loss_sqrt_hessian_jvp, *args, *node.arg.runtime_args())
 
 
 @emitter(Op.LOSS_SQRT_HESSIAN_MC)
 def _loss_mc(g, node, args, gm):
     spec, m = node.arg
-    return _fn(g, R.loss_sqrt_hessian_mc, *args, spec.kind, spec.reduction, m)
+    kind, reduction, *extra = spec.runtime_args()
+    return _fn(g, R.loss_sqrt_hessian_mc, *args, kind, reduction, m, *extra)
 
 
 @emitter(Op.EIGVALSH)

@@ -3,7 +3,9 @@
 For a loss ``L = r * sum_n l(f_n, y_n)`` (``r`` = 1 for reduction='sum', 1/N for
 CrossEntropyLoss 'mean', 1/numel for MSELoss/BCEWithLogitsLoss 'mean', as torch defines
 them), ``loss_sqrt_hessian`` returns ``S`` of shape ``(C, *f.shape)`` with
-``sum_c S[c, n] S[c, n]^T = d^2 L / d f_n^2`` for every sample ``n``.
+``sum_c S[c, n] S[c, n]^T = d^2 L / d f_n^2`` for every sample ``n``. Cross-entropy logits may
+carry extra axes ``(N, C, *E)`` (a loss per token or pixel); each position is one softmax,
+``ignore_index`` positions weigh 0 and 'mean' divides by the positions kept, as torch does.
 """
 from __future__ import annotations
 
@@ -23,36 +25,70 @@ def _scale(kind: str, reduction: str, f: torch.Tensor) -> float:
     return 1.0 / (f.shape[0] if kind == "cross_entropy" else f.numel())
 
 
-def loss_value(f: torch.Tensor, y: torch.Tensor, kind: str, reduction: str) -> torch.Tensor:
+def _rows(f: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy logits (N, C, *E) as (N * prod(E), C) rows, one per position."""
+    return f.movedim(1, -1).reshape(-1, f.shape[1])
+
+
+def _unrows(rows: torch.Tensor, f_shape, lead: int, at: int) -> torch.Tensor:
+    """Inverse of ``_rows`` for a result with ``lead`` leading axes: (*lead, R, C) -> the class axis
+    at position ``at`` of (*lead, N, C, *E)."""
+    N, C, E = f_shape[0], f_shape[1], tuple(f_shape[2:])
+    out = rows.reshape(rows.shape[:lead] + (N,) + E + (C,))
+    return out.movedim(-1, at) if E else out
+
+
+def _ce_weights(f: torch.Tensor, y: torch.Tensor, reduction: str, ignore_index: int) -> torch.Tensor:
+    """Each position's weight in the loss: 0 where the target is ignored, 1 / (positions kept)
+    for 'mean' (torch's convention), 1 for 'sum'."""
+    keep = (y.reshape(-1) != ignore_index).to(f.dtype)
+    if reduction == "mean":
+        keep = keep / keep.sum().clamp_min(1.0)
+    return keep
+
+
+def _ce_target(y: torch.Tensor, C: int, dtype, ignore_index: int, smoothing: float) -> torch.Tensor:
+    """The target distribution per row: one-hot, smoothed; ignored rows get any valid class."""
+    yy = y.reshape(-1)
+    hot = F.one_hot(torch.where(yy == ignore_index, 0, yy), C).to(dtype)
+    return hot * (1.0 - smoothing) + smoothing / C if smoothing else hot
+
+
+def loss_value(f: torch.Tensor, y: torch.Tensor, kind: str, reduction: str, ignore_index: int = -100,
+               smoothing: float = 0.0) -> torch.Tensor:
     if kind == "cross_entropy":
-        return F.cross_entropy(f, y, reduction=reduction)
+        return F.cross_entropy(f, y, reduction=reduction, ignore_index=ignore_index, label_smoothing=smoothing)
     if kind == "mse":
         return F.mse_loss(f, y, reduction=reduction)
     return F.binary_cross_entropy_with_logits(f, y, reduction=reduction)
 
 
-def loss_grad(f: torch.Tensor, y: torch.Tensor, kind: str, reduction: str) -> torch.Tensor:
-    r = _scale(kind, reduction, f)
+def loss_grad(f: torch.Tensor, y: torch.Tensor, kind: str, reduction: str, ignore_index: int = -100,
+              smoothing: float = 0.0) -> torch.Tensor:
     if kind == "cross_entropy":
-        g = torch.softmax(f, dim=1)
-        g[torch.arange(f.shape[0], device=f.device), y] -= 1.0
-        return g.mul_(r)
+        rows = _rows(f)
+        w = _ce_weights(f, y, reduction, ignore_index)
+        g = (torch.softmax(rows, dim=1) - _ce_target(y, f.shape[1], f.dtype, ignore_index, smoothing)) * w[:, None]
+        return _unrows(g, f.shape, 0, 1)
+    r = _scale(kind, reduction, f)
     if kind == "mse":
         return (f - y).mul_(2.0 * r)
     return (torch.sigmoid(f) - y).mul_(r)
 
 
-def loss_sqrt_hessian(f: torch.Tensor, y: torch.Tensor, kind: str, reduction: str) -> torch.Tensor:
-    """Exact symmetric factorization, shape (C, *f.shape)."""
-    r = math.sqrt(_scale(kind, reduction, f))
+def loss_sqrt_hessian(f: torch.Tensor, y: torch.Tensor, kind: str, reduction: str, ignore_index: int = -100,
+                      smoothing: float = 0.0) -> torch.Tensor:
+    """Exact symmetric factorization, shape (C, *f.shape). Label smoothing leaves the Hessian as is."""
     N = f.shape[0]
     if kind == "cross_entropy":
-        # d2l/df2 = diag(p) - p p^T = S S^T with S = diag(sqrt p) - p sqrt(p)^T
-        p = torch.softmax(f, dim=1)
+        # d2l/df2 = diag(p) - p p^T = S S^T with S = diag(sqrt p) - p sqrt(p)^T, per position
+        p = torch.softmax(_rows(f), dim=1)
         sp = p.sqrt()
-        S = (sp.t().contiguous().unsqueeze(2) * p.unsqueeze(0)).neg_()  # (c, N, o): -sqrt(p_c) p_o, contiguous
+        S = (sp.t().contiguous().unsqueeze(2) * p.unsqueeze(0)).neg_()  # (c, R, o): -sqrt(p_c) p_o, contiguous
         S.diagonal(dim1=0, dim2=2).add_(sp)
-        return S.mul_(r)
+        S.mul_(_ce_weights(f, y, reduction, ignore_index).sqrt()[None, :, None])
+        return S if f.ndim == 2 else _unrows(S, f.shape, 1, 2).contiguous()
+    r = math.sqrt(_scale(kind, reduction, f))
     flat = f.reshape(N, -1)
     C = flat.shape[1]
     if kind == "mse":
@@ -64,22 +100,24 @@ def loss_sqrt_hessian(f: torch.Tensor, y: torch.Tensor, kind: str, reduction: st
     return S.reshape((C,) + tuple(f.shape))
 
 
-def loss_sqrt_hessian_jvp(f: torch.Tensor, y: torch.Tensor, t: torch.Tensor, kind: str,
-                          reduction: str) -> torch.Tensor:
+def loss_sqrt_hessian_jvp(f: torch.Tensor, y: torch.Tensor, t: torch.Tensor, kind: str, reduction: str,
+                          ignore_index: int = -100, smoothing: float = 0.0) -> torch.Tensor:
     """Directional derivative of ``loss_sqrt_hessian`` along each tangent ``t[s]`` (shape
     ``(S, *f.shape)``): shape ``(S, C, *f.shape)``. It carries the loss's third derivative."""
-    r = math.sqrt(_scale(kind, reduction, f))
     S_, N = t.shape[0], f.shape[0]
     if kind == "cross_entropy":
         # S[c, o] = delta_co sqrt(p_c) - sqrt(p_c) p_o;  dp = p t - p (p . t);  dsqrt(p) = dp / (2 sqrt p)
-        p = torch.softmax(f, dim=1)
+        p = torch.softmax(_rows(f), dim=1)
+        t = t.movedim(2, -1).reshape(S_, -1, f.shape[1])  # (S, R, C)
         sp = p.sqrt()
-        dp = p * t - p * (p * t).sum(-1, keepdim=True)  # (S, N, C)
+        dp = p * t - p * (p * t).sum(-1, keepdim=True)  # (S, R, C)
         dsp = torch.where(sp > 0, dp / (2 * sp).clamp_min(torch.finfo(sp.dtype).tiny), 0.0)  # p -> 0: limit 0
-        out = -(dsp.transpose(1, 2).unsqueeze(3) * p.unsqueeze(0).unsqueeze(0))  # (S, c, N, o): -dsqrt(p_c) p_o
+        out = -(dsp.transpose(1, 2).unsqueeze(3) * p.unsqueeze(0).unsqueeze(0))  # (S, c, R, o): -dsqrt(p_c) p_o
         out -= sp.t().unsqueeze(0).unsqueeze(3) * dp.unsqueeze(1)  # -sqrt(p_c) dp_o
         out.diagonal(dim1=1, dim2=3).add_(dsp)
-        return out.mul_(r)
+        out.mul_(_ce_weights(f, y, reduction, ignore_index).sqrt()[None, None, :, None])
+        return out if f.ndim == 2 else _unrows(out, f.shape, 2, 3)
+    r = math.sqrt(_scale(kind, reduction, f))
     flat_t = t.reshape(S_, N, -1)
     C = flat_t.shape[2]
     if kind == "mse":
@@ -92,14 +130,16 @@ def loss_sqrt_hessian_jvp(f: torch.Tensor, y: torch.Tensor, t: torch.Tensor, kin
 
 
 def loss_sqrt_hessian_mc(f: torch.Tensor, y: torch.Tensor, generator: torch.Generator, kind: str,
-                         reduction: str, mc_samples: int) -> torch.Tensor:
+                         reduction: str, mc_samples: int, ignore_index: int = -100,
+                         smoothing: float = 0.0) -> torch.Tensor:
     """Monte-Carlo factor ``(M, *f.shape)``: E[sum_m s_m s_m^T] = d2L/df2 (Fisher sampling)."""
-    r = math.sqrt(_scale(kind, reduction, f) / mc_samples)
     if kind == "cross_entropy":
-        p = torch.softmax(f, dim=1)
-        draws = torch.multinomial(p.detach(), mc_samples, replacement=True, generator=generator)  # (N, M)
-        onehot = F.one_hot(draws.T, f.shape[1]).to(f.dtype)  # (M, N, C)
-        return (p.unsqueeze(0) - onehot).mul_(r)
+        p = torch.softmax(_rows(f), dim=1)
+        draws = torch.multinomial(p.detach(), mc_samples, replacement=True, generator=generator)  # (R, M)
+        onehot = F.one_hot(draws.T, f.shape[1]).to(f.dtype)  # (M, R, C)
+        w = (_ce_weights(f, y, reduction, ignore_index) / mc_samples).sqrt()
+        return _unrows((p.unsqueeze(0) - onehot) * w[None, :, None], f.shape, 1, 2)
+    r = math.sqrt(_scale(kind, reduction, f) / mc_samples)
     shape = (mc_samples,) + tuple(f.shape)
     if kind == "mse":
         eps = torch.randn(shape, generator=generator, dtype=f.dtype, device=f.device)

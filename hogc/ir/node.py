@@ -67,9 +67,17 @@ class Constant:
 class LossSpec:
     kind: str  # "cross_entropy" | "mse" | "bce_with_logits"
     reduction: str  # "mean" | "sum"
+    ignore_index: int = -100  # cross-entropy: targets with this value contribute nothing
+    label_smoothing: float = 0.0  # cross-entropy
 
     def __str__(self) -> str:
-        return f"{self.kind}/{self.reduction}"
+        extra = (f", ignore_index={self.ignore_index}" if self.ignore_index != -100 else "") + \
+            (f", label_smoothing={self.label_smoothing:g}" if self.label_smoothing else "")
+        return f"{self.kind}/{self.reduction}{extra}"
+
+    def runtime_args(self) -> tuple:
+        """The arguments the runtime loss helpers take after the tensors."""
+        return (self.kind, self.reduction, self.ignore_index, self.label_smoothing)
 
 
 _cache: "weakref.WeakValueDictionary[tuple, Node]" = weakref.WeakValueDictionary()

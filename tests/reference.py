@@ -9,16 +9,19 @@ from torch.func import functional_call, grad, jacrev, hessian, vmap
 
 def _loss_fn(lf: nn.Module):
     if isinstance(lf, nn.CrossEntropyLoss):
-        return lambda f, y: F.cross_entropy(f, y, reduction="sum")
+        return lambda f, y: F.cross_entropy(f, y, reduction="sum", ignore_index=lf.ignore_index,
+                                            label_smoothing=lf.label_smoothing)
     if isinstance(lf, nn.MSELoss):
         return lambda f, y: F.mse_loss(f, y, reduction="sum")
     return lambda f, y: F.binary_cross_entropy_with_logits(f, y, reduction="sum")
 
 
-def _scale(lf: nn.Module, out: torch.Tensor) -> float:
+def _scale(lf: nn.Module, out: torch.Tensor, y: torch.Tensor) -> float:
     if lf.reduction == "sum":
         return 1.0
-    return 1.0 / (out.shape[0] if isinstance(lf, nn.CrossEntropyLoss) else out.numel())
+    if isinstance(lf, nn.CrossEntropyLoss):  # torch: mean over the kept positions (all tokens/pixels)
+        return 1.0 / max(int((y != lf.ignore_index).sum()), 1)
+    return 1.0 / out.numel()
 
 
 class Reference:
@@ -29,7 +32,7 @@ class Reference:
         self.params = {k: v.detach() for k, v in model.named_parameters() if v.requires_grad}
         with torch.no_grad():
             self.out = model(x)
-        self.r = _scale(lf, self.out)
+        self.r = _scale(lf, self.out, y)
         self.ell = _loss_fn(lf)
 
     def f1(self, p, xn):  # model on one sample
@@ -113,6 +116,8 @@ class Reference:
 
     def spec(self):
         kind = {nn.CrossEntropyLoss: "cross_entropy", nn.MSELoss: "mse", nn.BCEWithLogitsLoss: "bce_with_logits"}
+        if isinstance(self.lf, nn.CrossEntropyLoss):
+            return "cross_entropy", self.lf.reduction, self.lf.ignore_index, self.lf.label_smoothing
         return kind[type(self.lf)], self.lf.reduction
 
     def ggnvp(self, v):

@@ -60,9 +60,9 @@ def check_target(spec: LossSpec, out_shape: tuple[int, ...], y: torch.Tensor) ->
 
 
 def num_columns(spec: LossSpec, out_shape: tuple[int, ...]) -> int:
-    """Number of columns C of the exact loss-Hessian square root: the classes for cross-entropy
-    (its Hessian is block-diagonal over extra positions), every output element for MSE and BCE."""
-    return out_shape[1] if spec.kind == "cross_entropy" else math.prod(out_shape[1:])
+    """Number of columns of the exact loss-Hessian square root: the output size per sample (for
+    cross-entropy over extra positions, C per position: the Hessian is block-diagonal over them)."""
+    return math.prod(out_shape[1:])
 
 
 def check_class_range(y: torch.Tensor, num_classes: int, ignore_index: int = -100) -> None:

@@ -38,6 +38,18 @@ def _unrows(rows: torch.Tensor, f_shape, lead: int, at: int) -> torch.Tensor:
     return out.movedim(-1, at) if E else out
 
 
+def _per_position(S: torch.Tensor, f_shape, lead: int) -> torch.Tensor:
+    """Columns of each position on its own: (*lead, c, R, o) rows -> (*lead, C * prod(E), N, C, *E),
+    column (c, e) nonzero only at position e (the loss Hessian is block-diagonal over positions)."""
+    N, C, E = f_shape[0], f_shape[1], tuple(f_shape[2:])
+    P = math.prod(E)
+    lead_shape = S.shape[:lead]
+    out = S.new_zeros(lead_shape + (C, P, N, C, P))
+    rows = S.reshape(lead_shape + (C, N, P, C)).movedim(-1, -2)  # (*lead, c, N, o, e)
+    out.diagonal(dim1=lead + 1, dim2=lead + 4).copy_(rows)
+    return out.reshape(lead_shape + (C * P, N, C) + E)
+
+
 def _ce_weights(f: torch.Tensor, y: torch.Tensor, reduction: str, ignore_index: int) -> torch.Tensor:
     """Each position's weight in the loss: 0 where the target is ignored, 1 / (positions kept)
     for 'mean' (torch's convention), 1 for 'sum'."""
@@ -87,7 +99,7 @@ def loss_sqrt_hessian(f: torch.Tensor, y: torch.Tensor, kind: str, reduction: st
         S = (sp.t().contiguous().unsqueeze(2) * p.unsqueeze(0)).neg_()  # (c, R, o): -sqrt(p_c) p_o, contiguous
         S.diagonal(dim1=0, dim2=2).add_(sp)
         S.mul_(_ce_weights(f, y, reduction, ignore_index).sqrt()[None, :, None])
-        return S if f.ndim == 2 else _unrows(S, f.shape, 1, 2).contiguous()
+        return S if f.ndim == 2 else _per_position(S, f.shape, 0)
     r = math.sqrt(_scale(kind, reduction, f))
     flat = f.reshape(N, -1)
     C = flat.shape[1]
@@ -116,7 +128,7 @@ def loss_sqrt_hessian_jvp(f: torch.Tensor, y: torch.Tensor, t: torch.Tensor, kin
         out -= sp.t().unsqueeze(0).unsqueeze(3) * dp.unsqueeze(1)  # -sqrt(p_c) dp_o
         out.diagonal(dim1=1, dim2=3).add_(dsp)
         out.mul_(_ce_weights(f, y, reduction, ignore_index).sqrt()[None, None, :, None])
-        return out if f.ndim == 2 else _unrows(out, f.shape, 2, 3)
+        return out if f.ndim == 2 else _per_position(out, f.shape, 1)
     r = math.sqrt(_scale(kind, reduction, f))
     flat_t = t.reshape(S_, N, -1)
     C = flat_t.shape[2]

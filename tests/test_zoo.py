@@ -1,0 +1,119 @@
+"""Issue 6's model zoo (3c3d, a GroupNorm CNN, a ResNet with BatchNorm, a GPT-style transformer)
+at small sizes: every quantity equals a float64 torch.func reference."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import pytest
+import torch
+from torch import nn
+
+import hogc
+from hogc.zoo import GroupNormCNN, ResNet, TinyGPT, c3d3
+
+from .reference import Reference
+from .test_partition import _phi_derivatives
+from .test_quantities import EXACT, GENERAL, TOP_K, close
+
+
+def _resnet():
+    model = ResNet(in_channels=2, widths=(3, 4), classes=3)
+    g = torch.Generator().manual_seed(3)
+    for m in model.modules():  # non-trivial running statistics and affine parameters
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.normal_(generator=g)
+            m.running_var.uniform_(0.5, 2.0, generator=g)
+            m.weight.data.normal_(generator=g)
+            m.bias.data.normal_(generator=g)
+    return model.eval()
+
+
+@dataclass(frozen=True)
+class Zoo:
+    id: str
+    make: Callable[[], nn.Module]
+    loss: Callable[[], nn.Module]
+    x: Callable[[torch.Generator], torch.Tensor]
+
+    def data(self):
+        torch.manual_seed(0)
+        model = self.make().double()
+        g = torch.Generator().manual_seed(1)
+        x = self.x(g)
+        with torch.no_grad():
+            out = model(x)
+        y = torch.randint(0, out.shape[1], (out.shape[0],) + tuple(out.shape[2:]), generator=g)
+        lf = self.loss()
+        if lf.ignore_index != -100 or out.ndim > 2:
+            y.view(-1)[::5] = lf.ignore_index
+        return model, lf, x, y
+
+
+ZOO = [
+    Zoo("c3d3", lambda: c3d3(3, (3, 4, 4), (6, 5), 4, size=16), nn.CrossEntropyLoss,
+        lambda g: torch.randn(3, 3, 16, 16, generator=g, dtype=torch.float64)),
+    Zoo("groupnorm_cnn", lambda: GroupNormCNN(2, 4, 2, 3), lambda: nn.CrossEntropyLoss(reduction="sum"),
+        lambda g: torch.randn(3, 2, 6, 6, generator=g, dtype=torch.float64)),
+    Zoo("resnet_bn_eval", _resnet, nn.CrossEntropyLoss,
+        lambda g: torch.randn(2, 2, 6, 6, generator=g, dtype=torch.float64)),
+    Zoo("tiny_gpt", lambda: TinyGPT(vocab=7, d=8, heads=2, layers=1, context=4),
+        lambda: nn.CrossEntropyLoss(ignore_index=5, label_smoothing=0.1),
+        lambda g: torch.randint(0, 7, (3, 4), generator=g)),
+]
+
+
+def _reference(model, lf, x, y):
+    if isinstance(model, TinyGPT):  # torch.func: no double forward-AD of fused attention; see zoo._LayerNorm
+        model.set_fused(False)
+    return Reference(model, lf, x, y)
+
+
+@pytest.fixture(scope="module", params=ZOO, ids=lambda z: z.id)
+def compiled(request):
+    model, lf, x, y = request.param.data()
+    fn = hogc.compile(model, GENERAL, loss=lf, mc_samples=2, seed=7, top_k=TOP_K)
+    g = torch.Generator().manual_seed(1)
+    v = {k: torch.randn(p.shape, generator=g, dtype=p.dtype) for k, p in model.named_parameters()}
+    out = fn(x, y, v)
+    ref = _reference(model, lf, x, y)
+    ref.v = v
+    return out, ref
+
+
+@pytest.mark.parametrize("quantity", EXACT + ["ggnvp", "hvp", "ggn_eigen"])
+def test_zoo_quantity_matches_torch_func(compiled, quantity):
+    out, ref = compiled
+    got = out[quantity]
+    if quantity in ("ggnvp", "hvp"):
+        want = getattr(ref, quantity)(ref.v)
+    else:
+        want = ref.ggn_eigen(TOP_K) if quantity == "ggn_eigen" else getattr(ref, quantity)()
+    if not isinstance(want, dict):
+        close(got, want, rel=1e-9)
+        return
+    assert set(got) == set(want)
+    for k in want:
+        close(got[k], want[k], rel=1e-9)
+
+
+@pytest.mark.parametrize("zoo", ZOO[1:], ids=lambda z: z.id)
+def test_zoo_partition_tensors(zoo):
+    model, lf, x, y = zoo.data()
+    part = hogc.api.resolve_partition(model, "module")
+    got = hogc.compile(model, ("partition_grad", "partition_hessian", "partition_d3", "partition_d3_diag"),
+                       loss=lf, partition="module")(x, y)
+    if isinstance(model, TinyGPT):
+        model.set_fused(False)
+    g1, g2, g3 = _phi_derivatives(model, lf, x, y, part)
+    close(got["partition_grad"], g1, rel=1e-9)
+    close(got["partition_hessian"], g2, rel=1e-9)
+    close(got["partition_d3"], g3, rel=1e-8)
+    close(got["partition_d3_diag"], torch.diagonal(torch.diagonal(g3), 0, 0, 1), rel=1e-8)
+
+
+def test_train_mode_batch_norm_is_a_clear_error():
+    model = ResNet(in_channels=2, widths=(3,), classes=3).double().train()
+    x, y = torch.randn(2, 2, 6, 6, dtype=torch.float64), torch.randint(0, 3, (2,))
+    with pytest.raises(hogc.SampleMixingError, match="couples the samples"):
+        hogc.compile(model, "grad")(x, y)

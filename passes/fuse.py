@@ -63,12 +63,17 @@ def _distribute(e: Node, k: int) -> list[Node]:
 
 
 def _terms(n: Node) -> list[tuple[float, Node]]:
-    if n.op in (Op.ADD, Op.SUB) and n.src[0].shape == n.src[1].shape == n.shape:
-        a, b = _terms(n.src[0]), _terms(n.src[1])
-        if n.op is Op.SUB:
-            b = [(-s, t) for s, t in b]
-        return a + b
-    return [(1.0, n)]
+    """The signed summands of a tree of same-shape ADD/SUB nodes, left to right (iterative: long
+    accumulation chains must not hit Python's recursion limit)."""
+    out, stack = [], [(1.0, n)]
+    while stack:
+        sign, m = stack.pop()
+        if m.op in (Op.ADD, Op.SUB) and m.src[0].shape == m.src[1].shape == m.shape:
+            stack.append((-sign if m.op is Op.SUB else sign, m.src[1]))
+            stack.append((sign, m.src[0]))
+        else:
+            out.append((sign, m))
+    return out
 
 
 def _network_flops(e: Node) -> int:

@@ -295,14 +295,11 @@ def _sliced(node: Node, path, parts: dict[str, int]) -> Node:
 REUSE_MAX_OPERANDS = 4
 
 
-def _step_key(a: Node, sa: str, b: Node, sb: str, out: str) -> tuple:
-    """What a pairwise step of two original operands computes, independent of the letters."""
-    if (a.uid, sa) > (b.uid, sb):
-        a, sa, b, sb = b, sb, a, sa
-    names: dict[str, int] = {}
-    for c in sa + sb:
-        names.setdefault(c, len(names))
-    return (a.uid, tuple(names[c] for c in sa), b.uid, tuple(names[c] for c in sb), frozenset(names[c] for c in out))
+def _step_key(eq: Einsum, a: Node, sa: str, b: Node, sb: str, out: str) -> Node:
+    """What a pairwise step of two original operands computes: the pairwise einsum node itself
+    (hash-consing makes equal steps of different networks one node; metric letters and the
+    result's letter order are part of it, so steps that would be built apart never count as one)."""
+    return _pair(sa, sb, out, a, b, eq.metric, None)
 
 
 def _detached(eq: Einsum) -> list[bool]:
@@ -315,6 +312,20 @@ def _detached(eq: Einsum) -> list[bool]:
     return out
 
 
+def _outer_last(loose: list[bool]) -> list[tuple[int, int]]:
+    """Path steps that multiply the loose (detached) operands together, then the product with the
+    one connected result; positions follow opt_einsum's convention (results appended)."""
+    items = list(loose)
+    steps = []
+    while len(items) > 1:
+        idx = [k for k, lo in enumerate(items) if lo]
+        i, j = (idx[0], idx[1]) if len(idx) >= 2 else sorted((idx[0], items.index(False)))
+        steps.append((i, j))
+        both_loose = items[i] and items[j]
+        items = [x for k, x in enumerate(items) if k not in (i, j)] + [both_loose]
+    return steps
+
+
 def _first_steps(node: Node) -> dict[tuple, int]:
     """Every possible first pairwise step among a network's connected operands: key -> FLOPs."""
     eq: Einsum = node.arg
@@ -324,7 +335,7 @@ def _first_steps(node: Node) -> dict[tuple, int]:
     for a, i in enumerate(core):
         for j in core[a + 1:]:
             (_, _, sa, sb, res), = network_steps(eq.inputs, eq.output, sizes, [(i, j)])[:1]
-            out[_step_key(node.src[i], sa, node.src[j], sb, res)] = pair_flops(sa, sb, res, sizes)
+            out[_step_key(eq, node.src[i], sa, node.src[j], sb, res)] = pair_flops(sa, sb, res, sizes)
     return out
 
 
@@ -345,11 +356,9 @@ def _reuse_path(node: Node, counts: dict[tuple, int], built: set) -> list[tuple[
 
     def rec(subs, orig, loose, path, cost, big):
         nonlocal best
-        if len(subs) - sum(loose) == 1:  # the connected part is contracted: outer factors last
-            rest = len(subs)
-            path = path + [(0, rest - 1 - k) for k in range(rest - 1)]
-            if best is None or (cost, big) < best[0]:
-                best = ((cost, big), path)
+        if len(subs) - sum(loose) == 1:  # the connected part is contracted: outer factors last,
+            if best is None or (cost, big) < best[0]:  # multiplied together first (a scalar each, often)
+                best = ((cost, big), path + _outer_last(loose))
             return
         for i in range(len(subs)):
             for j in range(i + 1, len(subs)):
@@ -358,7 +367,7 @@ def _reuse_path(node: Node, counts: dict[tuple, int], built: set) -> list[tuple[
                 (_, _, sa, sb, res), = network_steps(subs, eq.output, sizes, [(i, j)])[:1]
                 f = pair_flops(sa, sb, res, sizes)
                 if orig[i] is not None and orig[j] is not None:
-                    key = _step_key(node.src[orig[i]], sa, node.src[orig[j]], sb, res)
+                    key = _step_key(eq, node.src[orig[i]], sa, node.src[orig[j]], sb, res)
                     f = 0 if key in built else f / max(counts.get(key, 1), 1)
                 keep = [k for k in range(len(subs)) if k not in (i, j)]
                 rec([subs[k] for k in keep] + [res], [orig[k] for k in keep] + [None],
@@ -369,7 +378,7 @@ def _reuse_path(node: Node, counts: dict[tuple, int], built: set) -> list[tuple[
     path = best[1]
     (i, j) = path[0]
     (_, _, sa, sb, res), = network_steps(eq.inputs, eq.output, sizes, [(i, j)])[:1]
-    built.add(_step_key(node.src[i], sa, node.src[j], sb, res))
+    built.add(_step_key(eq, node.src[i], sa, node.src[j], sb, res))
     return path
 
 

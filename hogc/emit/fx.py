@@ -208,11 +208,12 @@ def einsum_transient(node: Node) -> int:
 
 @emitter(Op.EINSUM)
 def _einsum(g, node, args, gm):
-    if len(node.src) == 1:
+    diagonal = any(len(set(s)) < len(s) for s in node.arg.inputs)  # 'aa->': a trace, not a sum
+    if len(node.src) == 1 and not diagonal:
         return _sum_permute(g, node, args)
-    if prefers_mul_sum(node):
+    if not diagonal and prefers_mul_sum(node):
         return _mul_sum(g, node, args)
-    if len(node.src) == 2:
+    if len(node.src) == 2 and not diagonal:
         v = _as_matmul(g, node, args)
         if v is not None:
             return v

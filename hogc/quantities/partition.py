@@ -24,7 +24,8 @@ import itertools
 import torch
 
 from ..errors import HogcError
-from ..ir import Index, Node, Variance, build as B, topological_order
+from ..ir import Index, Node, Op, Variance, build as B, topological_order
+from hogc.passes.paths import einsum_flops
 from .builder import DerivativeBuilder
 from hogc.passes.push_forward import push_forward
 
@@ -80,11 +81,26 @@ def _partition_grad(b):
 PARTITION_STRATEGIES = ("auto", "dense", "unrolled")
 
 
+#: 'auto' unrolls on a CPU only when the forward pass's contractions average at least this many
+#: FLOPs per op: unrolling multiplies the number of kernels, which small layers pay in dispatch.
+UNROLL_MIN_FLOPS_PER_OP = 200_000
+
+
+def _forward_flops_per_op(b: DerivativeBuilder) -> float:
+    nodes = [n for n in topological_order([b.output]) if n.op not in (Op.INPUT, Op.CONST)]
+    return sum(einsum_flops(n) for n in nodes if n.op is Op.EINSUM) / max(len(nodes), 1)
+
+
 def _dense(b: DerivativeBuilder, quantity: str) -> bool:
     mode = b.partition_strategy
     if mode == "auto":
-        mode = "dense" if b.device_type == "cuda" else "unrolled"
-        why = "on CUDA: few large kernels" if mode == "dense" else f"on {b.device_type}: the fewest FLOPs"
+        per_op = _forward_flops_per_op(b)
+        if b.device_type == "cuda":
+            mode, why = "dense", "on CUDA: few large kernels"
+        elif per_op < UNROLL_MIN_FLOPS_PER_OP:
+            mode, why = "dense", f"small layers ({per_op:.0f} forward FLOPs per op): dispatch dominates"
+        else:
+            mode, why = "unrolled", f"on {b.device_type} with large layers: the fewest FLOPs"
     else:
         why = "asked for (partition_strategy=)"
     b.notes[quantity] = f"{mode} tangents ({why})"
@@ -171,13 +187,25 @@ def _hvps(b: DerivativeBuilder, u: dict[str, Node], rank: list[int]) -> list[dic
     return out
 
 
-def _place(b: DerivativeBuilder, x: Node, u: Node, at: tuple[int, ...], out: tuple[Index, ...]) -> Node:
-    """<x, u> (x with leading size-1 tangent indices) placed at entry ``at`` of a zero tensor."""
+def _dot(x: Node, u: Node) -> Node:
+    """<x, u> for x with leading size-1 tangent indices: a scalar."""
     lead = x.ndim - u.ndim
-    L = B.letters(lead + u.ndim + len(at))
-    ld, P, O = L[:lead], L[lead:lead + u.ndim], L[lead + u.ndim:]
-    hots = [_onehot(b, j, i) for j, i in zip(at, out)]
-    return B.einsum([ld + P, P] + list(O), O, [x, u] + hots, out_indices=out)
+    L = B.letters(lead + u.ndim)
+    return B.einsum([L, L[lead:]], "", [x, u])
+
+
+def _scatter(b: DerivativeBuilder, entries: list[tuple[tuple[int, ...], Node]], out: tuple[Index, ...]) -> Node | None:
+    """Scalars summed into the given entries of a zero tensor: one concatenation and one
+    scatter-add (no chain of additions, no one-hot products)."""
+    if not entries:
+        return None
+    S, n = len(_subsets(b)), len(out)
+    one = Index("e", 1, TANGENT, Variance.BATCH)
+    vec = B.cat([B.reshape(x, (1,), (one,)) for _, x in entries], 0,
+                indices=(Index("e", len(entries), TANGENT, Variance.BATCH),))
+    flat = tuple(sum(a * S ** (n - 1 - d) for d, a in enumerate(at)) for at, _ in entries)
+    total = B.index_add(vec, 0, flat, S ** n, Index("entries", S ** n, TANGENT, Variance.BATCH))
+    return B.reshape(total, (S,) * n, out)
 
 
 def _symmetrized(b: DerivativeBuilder, T: Node | None, rank: list[int], out: tuple[Index, ...]) -> Node:
@@ -211,12 +239,9 @@ def _partition_hessian(b):
     u, rank = _direction(b), _depth_ranks(b)
     out = (_subset_index(b, "s"), _subset_index(b, "t"))
     where = {k: t for t, sub in enumerate(_subsets(b)) for k in sub}
-    T = None
-    for j, hv in enumerate(_hvps(b, u, rank)):
-        for k, x in hv.items():
-            if x is not None:
-                T = _accumulate(T, _place(b, x, u[k], (j, where[k]), out))
-    return _symmetrized(b, T, rank, out)
+    entries = [((j, where[k]), _dot(x, u[k])) for j, hv in enumerate(_hvps(b, u, rank))
+               for k, x in hv.items() if x is not None]
+    return _symmetrized(b, _scatter(b, entries, out), rank, out)
 
 
 def _third(b: DerivativeBuilder, diagonal: bool) -> tuple[list, list[int], dict[str, int], dict[str, Node]]:
@@ -247,9 +272,7 @@ def _partition_d3(b):
         return _dense_d3(b)
     entries, rank, where, u = _third(b, diagonal=False)
     out = tuple(_subset_index(b, n) for n in "stv")
-    T = None
-    for j, t, k, x in entries:
-        T = _accumulate(T, _place(b, x, u[k], (j, t, where[k]), out))
+    T = _scatter(b, [((j, t, where[k]), _dot(x, u[k])) for j, t, k, x in entries], out)
     return _symmetrized(b, T, rank, out)
 
 
@@ -265,9 +288,7 @@ def _partition_d3_diag(b):
             _subset_index(b, n) for n in "stv"))], out_indices=out)
     entries, _, _, u = _third(b, diagonal=True)
     out = (_subset_index(b, "s"),)
-    total = None
-    for j, _, k, x in entries:
-        total = _accumulate(total, _place(b, x, u[k], (j,), out))
+    total = _scatter(b, [((j,), _dot(x, u[k])) for j, _, k, x in entries], out)
     if total is None:
         return B.const_tensor(torch.zeros(len(_subsets(b)), dtype=b.dtype), out)
     return total

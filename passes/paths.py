@@ -17,6 +17,8 @@ import opt_einsum as oe
 from hogc.ir import Node, Op, Program, build as B
 from hogc.ir.node import Einsum
 
+from .selection import is_selection, selection_kind, selection_step
+
 __all__ = ["contract_pairwise", "PATH_STRATEGIES", "register_path_strategy", "NetworkSchedule",
            "network_steps", "einsum_flops", "path_flops", "letter_sizes", "MAX_SLICES", "OPTIMAL_MAX_OPERANDS"]
 
@@ -182,6 +184,12 @@ def _pair(sa: str, sb: str, out: str, a: Node, b: Node, metric, out_indices) -> 
             s = kept
         ops.append((s, x))
     (sa, a), (sb, b) = ops
+    for sx, x, sp, p in ((sa, a, sb, b), (sb, b, sa, a)):
+        kind = selection_kind(sx, sp, out, p)
+        if kind is not None:
+            if out_indices is None:
+                out_indices = B.einsum([sa, sb], out, [a, b], metric=metric).indices
+            return selection_step(sx, sp, out, x, p, kind, out_indices)
     return B.einsum([sa, sb], out, [a, b], metric=metric, out_indices=out_indices)
 
 
@@ -339,18 +347,11 @@ def _first_steps(node: Node) -> dict[tuple, int]:
     return out
 
 
-def _reuse_path(node: Node, counts: dict[tuple, int], built: set) -> list[tuple[int, int]] | None:
-    """The exhaustive best path when a first step is shared with other networks: a shared step's
-    FLOPs are divided among the networks that can use it (free once built), so
-    ``<d_n, U a_n>`` over many ``d`` contracts ``U a`` once. Detached operands come last.
-    None when nothing is shared or the connected part is too large to search."""
+def _search(node: Node, step_cost) -> list[tuple[int, int]]:
+    """Exhaustive path over the connected operands (detached ones last), minimizing the summed
+    ``step_cost(i, j, sa, sb, res, orig_i, orig_j)`` (orig: operand positions, None for
+    intermediates), then the largest intermediate."""
     eq: Einsum = node.arg
-    detached = _detached(eq)
-    if not 3 <= detached.count(False) <= REUSE_MAX_OPERANDS:
-        return None
-    firsts = _first_steps(node)
-    if not any(counts.get(k, 0) > 1 or k in built for k in firsts):
-        return None
     sizes = letter_sizes(eq.inputs, (x.shape for x in node.src))
     best = None
 
@@ -365,21 +366,63 @@ def _reuse_path(node: Node, counts: dict[tuple, int], built: set) -> list[tuple[
                 if loose[i] or loose[j]:
                     continue
                 (_, _, sa, sb, res), = network_steps(subs, eq.output, sizes, [(i, j)])[:1]
-                f = pair_flops(sa, sb, res, sizes)
-                if orig[i] is not None and orig[j] is not None:
-                    key = _step_key(eq, node.src[orig[i]], sa, node.src[orig[j]], sb, res)
-                    f = 0 if key in built else f / max(counts.get(key, 1), 1)
+                f = step_cost(sa, sb, res, orig[i], orig[j], sizes)
                 keep = [k for k in range(len(subs)) if k not in (i, j)]
                 rec([subs[k] for k in keep] + [res], [orig[k] for k in keep] + [None],
                     [loose[k] for k in keep] + [False], path + [(i, j)], cost + f,
                     max(big, _numel(res, sizes)))
 
-    rec(list(eq.inputs), list(range(len(eq.inputs))), detached, [], 0.0, 0)
-    path = best[1]
+    rec(list(eq.inputs), list(range(len(eq.inputs))), _detached(eq), [], 0.0, 0)
+    return best[1]
+
+
+def _reuse_path(node: Node, counts: dict, built: set) -> list[tuple[int, int]] | None:
+    """The exhaustive best path when a first step is shared with other networks: a shared step's
+    FLOPs are divided among the networks that can use it (free once built), so
+    ``<d_n, U a_n>`` over many ``d`` contracts ``U a`` once. Detached operands come last.
+    None when nothing is shared or the connected part is too large to search."""
+    eq: Einsum = node.arg
+    if not 3 <= _detached(eq).count(False) <= REUSE_MAX_OPERANDS:
+        return None
+    firsts = _first_steps(node)
+    if not any(counts.get(k, 0) > 1 or k in built for k in firsts):
+        return None
+
+    def cost(sa, sb, res, oi, oj, sizes):
+        f = pair_flops(sa, sb, res, sizes)
+        if oi is not None and oj is not None:
+            key = _step_key(eq, node.src[oi], sa, node.src[oj], sb, res)
+            f = 0 if key in built else f / max(counts.get(key, 1), 1)
+        return f
+
+    path = _search(node, cost)
     (i, j) = path[0]
+    sizes = letter_sizes(eq.inputs, (x.shape for x in node.src))
     (_, _, sa, sb, res), = network_steps(eq.inputs, eq.output, sizes, [(i, j)])[:1]
     built.add(_step_key(eq, node.src[i], sa, node.src[j], sb, res))
     return path
+
+
+#: Networks with a selection constant (index pattern) and at most this many connected operands
+#: search their path exhaustively with selection steps costed as the elements they move.
+SELECTION_MAX_OPERANDS = 6
+
+
+def _selection_path(node: Node) -> list[tuple[int, int]] | None:
+    """Convolution and pooling networks: gathers and scatter-adds through index patterns move
+    memory and do no arithmetic, so im2col-like first steps are cheap, not a dense product."""
+    eq: Einsum = node.arg
+    sel = [is_selection(x) for x in node.src]
+    if not any(sel) or not 2 <= _detached(eq).count(False) <= SELECTION_MAX_OPERANDS:
+        return None
+
+    def cost(sa, sb, res, oi, oj, sizes):
+        for sx, sp, o in ((sa, sb, oj), (sb, sa, oi)):
+            if o is not None and sel[o] and selection_kind(sx, sp, res, node.src[o]) is not None:
+                return _numel(sx, sizes) + _numel(res, sizes)
+        return pair_flops(sa, sb, res, sizes)
+
+    return _search(node, cost)
 
 
 def contract_pairwise(program: Program, strategy: str = "auto", cap_bytes: float | None = None,
@@ -414,7 +457,11 @@ def contract_pairwise(program: Program, strategy: str = "auto", cap_bytes: float
     records = []
     for node in program.nodes:
         src = tuple(new[s.uid] for s in node.src)
-        path = _reuse_path(node, counts, built) if counts and node.op is Op.EINSUM else None
+        path = None
+        if node.op is Op.EINSUM and len(node.src) >= 2 and strategy != "naive":
+            path = _selection_path(node)
+            if path is None and counts:
+                path = _reuse_path(node, counts, built)
         n2 = node if src == node.src else node.replace(src=src)
         if n2.op is Op.EINSUM and len(n2.src) >= 2:
             n2, record = _schedule_network(n2, strategy, cap_bytes, itemsize, path)

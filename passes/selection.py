@@ -1,0 +1,110 @@
+"""Selection constants: 0/1 tensors that map index tuples to index tuples (the index patterns of
+convolutions and pooling, one-hot placements). A pairwise contraction with one is a gather or a
+scatter-add, not a product: it moves ``numel`` elements instead of multiplying through the
+pattern's dense shape. ``contract_pairwise`` costs such steps as memory traffic when it searches
+a path and builds them with INDEX / INDEX_ADD.
+
+For a step ``X[..., G] P[G, O] -> R[..., O]`` (G: the letters summed with X, O: P's letters in
+the result):
+
+* gather: every O-tuple has at most one G-tuple with P = 1: ``R = X[..., idx(O)]``, zero where none;
+* scatter: every G-tuple has at most one O-tuple: ``R[..., o(G)] += X[..., G]``.
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+
+from hogc.ir import Index, Node, Op, Variance, build as B
+from hogc.ir.node import Constant
+
+__all__ = ["selection_kind", "selection_step", "is_selection"]
+
+_SEL = "selection"
+
+
+def is_selection(node: Node) -> bool:
+    return _table(node) is not None
+
+
+def _table(node: Node):
+    if node.op is not Op.CONST or not isinstance(node.arg, Constant) or node.ndim == 0:
+        return None
+    return _cached_table(node.arg)
+
+
+@lru_cache(maxsize=1024)
+def _cached_table(c: Constant):
+    t = c.tensor
+    if t.numel() > 1 << 22 or not bool(((t == 0) | (t == 1)).all()):
+        return None
+    return t.detach().to("cpu").bool()
+
+
+def _split(sx: str, sp: str, out: str):
+    """(G, O) letters of P, or None when P shares a letter with both X and the result (a hyperedge)
+    or has a letter in neither (a private sum)."""
+    G = [c for c in sp if c in sx and c not in out]
+    O = [c for c in sp if c in out and c not in sx]
+    if len(G) + len(O) != len(sp) or not G or not O:
+        return None
+    return G, O
+
+
+def selection_kind(sx: str, sp: str, out: str, p: Node) -> str | None:
+    """'gather', 'scatter' or None for the pairwise step X (letters sx) with P (sp) -> out."""
+    t = _table(p)
+    if t is None:
+        return None
+    split = _split(sx, sp, out)
+    if split is None:
+        return None
+    G, O = split
+    m = _matrix(p, sp, tuple(G), tuple(O))
+    if bool((m.sum(0) <= 1).all()):
+        return "gather"
+    if bool((m.sum(1) <= 1).all()):
+        return "scatter"
+    return None
+
+
+def _matrix(p: Node, sp: str, G: tuple, O: tuple) -> torch.Tensor:
+    """P as a (prod G, prod O) 0/1 matrix."""
+    t = _table(p)
+    perm = [sp.index(c) for c in G + O]
+    g = math.prod(t.shape[sp.index(c)] for c in G)
+    return t.permute(perm).reshape(g, -1)
+
+
+def _merged(n: int, tag: str) -> Index:
+    return Index(f"{_SEL}{tag}", n, _SEL, Variance.BATCH)
+
+
+def selection_step(sx: str, sp: str, out: str, x: Node, p: Node, kind: str, out_indices) -> Node:
+    """The pairwise step as a gather or scatter-add, result letters ``out`` with ``out_indices``."""
+    G, O = _split(sx, sp, out)
+    m = _matrix(p, sp, tuple(G), tuple(O))
+    rest = [c for c in sx if c not in G]
+    xs = B.permute(x, [sx.index(c) for c in rest + G])
+    lead = tuple(x.shape[sx.index(c)] for c in rest)
+    ng, no = m.shape
+    flat = B.reshape(xs, lead + (ng,), tuple(_merged(s, str(k)) for k, s in enumerate(lead)) + (_merged(ng, "g"),))
+    d = len(rest)
+    if kind == "gather":
+        has = m.any(0)
+        src = torch.where(has, m.float().argmax(0), torch.full((no,), ng))
+        padded = B.pad(flat, d, 0, 1, ng + 1, _merged(ng + 1, "g"))
+        moved = B.index(padded, d, tuple(int(i) for i in src), indices=flat.indices[:d] + (_merged(no, "o"),))
+    else:
+        has = m.any(1)
+        dst = torch.where(has, m.float().argmax(1), torch.full((ng,), no))
+        summed = B.index_add(flat, d, tuple(int(i) for i in dst), no + 1, _merged(no + 1, "o"))
+        moved = B.slice_(summed, d, 0, no, 1, indices=flat.indices[:d] + (_merged(no, "o"),))
+    o_sizes = tuple(p.shape[sp.index(c)] for c in O)
+    letters = rest + O
+    shaped = B.reshape(moved, lead + o_sizes, tuple(_merged(s, str(k)) for k, s in enumerate(lead + o_sizes)))
+    perm = [letters.index(c) for c in out]
+    result = B.permute(shaped, perm)
+    return B.reshape(result, result.shape, tuple(out_indices))

@@ -17,6 +17,7 @@ import opt_einsum as oe
 from hogc.ir import Node, Op, Program, build as B
 from hogc.ir.node import Einsum
 
+from .conv import conv_flops, conv_network
 from .selection import is_selection, selection_kind, selection_step
 
 __all__ = ["contract_pairwise", "PATH_STRATEGIES", "register_path_strategy", "NetworkSchedule",
@@ -159,6 +160,19 @@ def _built_flops(result: Node, operands) -> int:
 def path_flops(eq: Einsum, shapes, path) -> int:
     """FLOPs of contracting the network ``eq`` over operands of ``shapes`` along ``path``."""
     return _stats(eq.inputs, eq.output, letter_sizes(eq.inputs, shapes), path)[0]
+
+
+def _nodes_between(result: Node, operands) -> list[Node]:
+    stop = {id(x) for x in operands}
+    seen, out, stack = set(), [], [result]
+    while stack:
+        n = stack.pop()
+        if id(n) in seen or id(n) in stop:
+            continue
+        seen.add(id(n))
+        out.append(n)
+        stack.extend(n.src)
+    return out
 
 
 def _stats(inputs, output, sizes, path) -> tuple[int, int]:
@@ -477,6 +491,12 @@ def _schedule_network(node: Node, strategy: str, cap_bytes: float | None, itemsi
     build it, and their record."""
     eq: Einsum = node.arg
     shapes = tuple(x.shape for x in node.src)
+    if strategy != "naive" and cap_bytes is None:
+        conv = conv_network(node)
+        if conv is not None:  # a convolution kernel call (passes/conv.py)
+            flops = sum(conv_flops(n) for n in _nodes_between(conv, node.src) if n.op is Op.CONV)
+            return conv, NetworkSchedule(str(eq), _letter_legend(eq, node.src), (), flops, 0, itemsize, (), 1,
+                                         len(node.src))
     path = _path(eq, shapes, strategy) if path is None else path
     parts = _choose_slices(eq, shapes, path, itemsize, cap_bytes) if cap_bytes is not None else {}
     sizes = letter_sizes(eq.inputs, shapes)

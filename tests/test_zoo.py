@@ -117,3 +117,20 @@ def test_train_mode_batch_norm_is_a_clear_error():
     x, y = torch.randn(2, 2, 6, 6, dtype=torch.float64), torch.randint(0, 3, (2,))
     with pytest.raises(hogc.SampleMixingError, match="couples the samples"):
         hogc.compile(model, "grad")(x, y)
+
+
+def test_convolution_networks_become_convolution_kernels():
+    """Forward and input-backward convolutions are emitted as conv / conv_transpose calls (exact:
+    the quantity tests above run through them); weight gradients go through im2col + GEMM."""
+    from hogc.ir import Op
+
+    model, lf, x, y = ZOO[0].data()
+    fn = hogc.compile(model, "grad", loss=lf)
+    got = fn(x, y)
+    ops = [n for n in fn._require().program.nodes if n.op is Op.CONV]
+    assert sum(not n.arg[0] for n in ops) == 3 and sum(n.arg[0] for n in ops) == 2  # 3 forward, 2 transposed
+    ref = Reference(model, lf, x, y).grad()
+    for k in ref:
+        close(got[k], ref[k])
+    naive = hogc.compile(model, "grad", loss=lf, optimize="naive")
+    assert not any(n.op is Op.CONV for n in naive._require().program.nodes if naive(x, y) is not None)

@@ -29,8 +29,8 @@ def _tuple(v, d: int) -> tuple[int, ...]:
     return v * d if len(v) == 1 else v
 
 
-def _const(t: torch.Tensor, tag: str) -> Node:
-    return B.const_tensor(t, fresh_indices(t.shape, tag))
+def _const(t: torch.Tensor, tag: str, pattern: tuple | None = None) -> Node:
+    return Node(Op.CONST, (), Constant(t, pattern=pattern), fresh_indices(t.shape, tag))
 
 
 def _pattern(size: int, k: int, out: int, stride: int, pad: int, dil: int, dtype) -> torch.Tensor:
@@ -92,12 +92,12 @@ def _conv(x: Node, w: Node, b, stride, padding, dilation, groups: int, dtype, tr
             P = _pattern(s, k, out, st, p, dl, dtype)
             xl.append(h), wl.append(t), outl.append(o)
             subs.append(h + t + o)
-            ops.append((_const(P, "conv"), h + t + o))
+            ops.append((_const(P, "conv", (st, p, dl)), h + t + o))
         else:
             out = (s - 1) * st - 2 * p + dl * (k - 1) + output_padding[ax] + 1
             P = _pattern(out, k, s, st, p, dl, dtype)  # output position h, tap t, input position o
             xl.append(o), wl.append(t), outl.append(h)
-            ops.append((_const(P, "conv"), h + t + o))
+            ops.append((_const(P, "conv", (st, p, dl)), h + t + o))
         outs.append(out)
     operands, terms = [xs, ws], ["".join(xl), "".join(wl)]
     for c, sub in ops:

@@ -292,6 +292,11 @@ def _loss_mc(g, node, args, gm):
     return _fn(g, R.loss_sqrt_hessian_mc, *args, kind, reduction, m, *extra)
 
 
+@emitter(Op.CONV)
+def _conv(g, node, args, gm):
+    return _fn(g, R.conv, *args, *node.arg)
+
+
 @emitter(Op.EIGVALSH)
 def _eigvalsh(g, node, args, gm):
     return _fn(g, R.top_eigenvalues, args[0], node.arg)

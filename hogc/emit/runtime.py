@@ -187,6 +187,17 @@ def index_add_dim(x: torch.Tensor, dim: int, index: tuple[int, ...], size: int) 
     return x.new_zeros(shape).index_add_(dim, torch.tensor(index, device=x.device), x)
 
 
+def conv(x: torch.Tensor, w: torch.Tensor, transposed: bool, stride, padding, dilation,
+         output_padding) -> torch.Tensor:
+    """A convolution (or its transpose) over len(stride) spatial axes, no bias."""
+    d = len(stride)
+    if transposed:
+        fn = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[d - 1]
+        return fn(x, w, None, stride, padding, output_padding, 1, dilation)
+    fn = (F.conv1d, F.conv2d, F.conv3d)[d - 1]
+    return fn(x, w, None, stride, padding, dilation)
+
+
 def top_eigenvalues(matrix: torch.Tensor, k: int) -> torch.Tensor:
     """The k largest eigenvalues of a symmetric matrix, in descending order."""
     return torch.linalg.eigvalsh(matrix).flip(0)[:k]

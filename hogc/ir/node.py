@@ -48,11 +48,14 @@ class Constant:
     """A captured constant tensor (hashed by identity). ``delta`` marks a square identity matrix
     (a Kronecker delta): einsums eliminate it by merging its two letters."""
 
-    __slots__ = ("tensor", "delta", "__weakref__")
+    __slots__ = ("tensor", "delta", "pattern", "__weakref__")
 
-    def __init__(self, tensor, delta: bool = False):
+    def __init__(self, tensor, delta: bool = False, pattern: tuple | None = None):
         self.tensor = tensor
         self.delta = delta
+        #: a convolution index pattern P[h, k, o] = [h == o * stride + k * dilation - padding]:
+        #: (stride, padding, dilation), so scheduling can emit a convolution kernel
+        self.pattern = pattern
 
     def __repr__(self) -> str:
         t = self.tensor

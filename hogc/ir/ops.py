@@ -44,6 +44,8 @@ class Op(Enum):
 
     # --- linear algebra on finished results ------------------------------------
     EIGVALSH = auto()  # arg: k; the k largest eigenvalues of a symmetric matrix, descending
+    CONV = auto()  # arg: (transposed, stride, padding, dilation, output_padding); src (x, w): a
+    # convolution kernel call, introduced by scheduling for an index-pattern network (never differentiated)
 
     # --- losses (the boundary where the GGN splits) ---------------------------
     LOSS = auto()  # arg: LossSpec; src: (output, target); the scalar loss
@@ -57,4 +59,4 @@ LOSS_OPS = frozenset({Op.LOSS, Op.LOSS_GRAD, Op.LOSS_SQRT_HESSIAN, Op.LOSS_SQRT_
                       Op.LOSS_SQRT_HESSIAN_JVP})
 LEAF_OPS = frozenset({Op.INPUT, Op.CONST})
 #: Ops that only finish a derivative program and are never differentiated.
-TERMINAL_OPS = frozenset({Op.EIGVALSH})
+TERMINAL_OPS = frozenset({Op.EIGVALSH, Op.CONV})

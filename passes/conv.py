@@ -1,0 +1,132 @@
+"""Convolution networks as convolution kernels.
+
+After fusion, a convolution (and its transpose, which the reverse mode produces) is a network
+``data x weight x P_1 x ... x P_d`` with one index pattern P[h, k, o] = [h == o s + k d - p] per
+spatial axis (``Constant.pattern`` holds (s, p, d)). When the data carries the pattern's input
+positions h and the result its output positions o, the network is ``conv{d}d``; when the data
+carries o and the result h, it is ``conv_transpose{d}d``. Extra letters of the data that the
+result keeps (samples, loss-Hessian columns, tangents) fold into the kernel's batch axis. Any
+other network with patterns (weight gradients, per-sample products) is left to the path search,
+whose selection steps make it im2col + GEMM (``passes/selection.py``).
+"""
+from __future__ import annotations
+
+import math
+
+from hogc.ir import Index, Node, Op, Variance, build as B
+from hogc.ir.node import Constant, Einsum
+
+__all__ = ["conv_network", "conv_flops"]
+
+
+def _pattern(x: Node):
+    if x.op is Op.CONST and isinstance(x.arg, Constant) and x.arg.pattern is not None and x.ndim == 3:
+        return x.arg.pattern
+    return None
+
+
+def _axis(n: int, tag: str) -> Index:
+    return Index(f"conv{tag}", n, "conv", Variance.BATCH)
+
+
+def conv_network(node: Node) -> Node | None:
+    """The network as CONV node(s) with its own result indices, or None if it is not one."""
+    eq: Einsum = node.arg
+    ops = list(node.src)
+    pats = [k for k, x in enumerate(ops) if _pattern(x) is not None]
+    rest = [k for k in range(len(ops)) if k not in pats]
+    if not pats or len(rest) != 2 or len(pats) > 3:
+        return None
+    sizes = {}
+    for s, x in zip(eq.inputs, ops):
+        sizes.update(zip(s, x.shape))
+    unit = {c for c, n in sizes.items() if n == 1}
+    specs = []
+    for k in pats:
+        s = eq.inputs[k]
+        if len(set(s)) != 3 or any(c in unit for c in s):
+            return None
+        specs.append((s[0], s[1], s[2], _pattern(ops[k])))
+    H, T, O = ({sp[i] for sp in specs} for i in range(3))
+    out = set(eq.output)
+    for a, b in ((rest[0], rest[1]), (rest[1], rest[0])):
+        w, d = eq.inputs[a], eq.inputs[b]
+        if set(w) & (H | O) or not T <= set(w) or set(d) & T:
+            continue
+        transposed = O <= set(d) and H <= out and not H & set(d)
+        forward = H <= set(d) and O <= out and not O & set(d)
+        if not (forward or transposed):
+            continue
+        src_sp, dst_sp = ([sp[0] for sp in specs], [sp[2] for sp in specs]) if forward else \
+            ([sp[2] for sp in specs], [sp[0] for sp in specs])
+        summed = [c for c in d if c in w and c not in out and c not in unit]
+        w_out = [c for c in w if c not in d and c in out and c not in unit]
+        w_other = [c for c in w if c not in T and c not in summed and c not in w_out and c not in unit]
+        batch = [c for c in d if c not in summed and c not in src_sp and c not in unit]
+        if len(summed) != 1 or len(w_out) != 1 or w_other or any(c not in out or c in w for c in batch):
+            continue
+        if set(eq.output) - set(batch) - set(w_out) - set(dst_sp) - unit:
+            continue
+        if any(eq.inputs[k].count(c) > 1 for k in range(len(ops)) for c in eq.inputs[k]):
+            return None
+        return _build(node, ops[b], d, ops[a], w, specs, batch, summed[0], w_out[0], src_sp, dst_sp,
+                      transposed, sizes)
+    return None
+
+
+def _build(node, x, d, w, ws, specs, batch, cin, cout, src_sp, dst_sp, transposed, sizes) -> Node | None:
+    eq: Einsum = node.arg
+    nb = math.prod(sizes[c] for c in batch)
+    # data -> (batch, cin, *spatial); weight -> (cin, cout, *taps) transposed, (cout, cin, *taps) forward
+    xd = B.permute(_squeezed(x, d, sizes), [_letters(d, sizes).index(c) for c in batch + [cin] + src_sp])
+    xd = B.reshape(xd, (nb, sizes[cin]) + tuple(sizes[c] for c in src_sp),
+                   tuple(_axis(n, str(i)) for i, n in enumerate((nb, sizes[cin]) + tuple(sizes[c] for c in src_sp))))
+    taps = [sp[1] for sp in specs]
+    order = ([cin, cout] if transposed else [cout, cin]) + taps
+    wl = _letters(ws, sizes)
+    wk = B.permute(_squeezed(w, ws, sizes), [wl.index(c) for c in order])
+    stride = tuple(sp[3][0] for sp in specs)
+    padding = tuple(sp[3][1] for sp in specs)
+    dilation = tuple(sp[3][2] for sp in specs)
+    out_pad = []
+    for sp, src, dst in zip(specs, src_sp, dst_sp):
+        s, p, dl = sp[3]
+        k = sizes[sp[1]]
+        if transposed:
+            base = (sizes[src] - 1) * s - 2 * p + dl * (k - 1) + 1
+            op = sizes[dst] - base
+            if not 0 <= op < max(s, dl):
+                return None
+            out_pad.append(op)
+        else:
+            if (sizes[src] + 2 * p - dl * (k - 1) - 1) // s + 1 != sizes[dst]:
+                return None
+            out_pad.append(0)
+    shape = (nb, sizes[cout]) + tuple(sizes[c] for c in dst_sp)
+    y = Node(Op.CONV, (xd, wk), (transposed, stride, padding, dilation, tuple(out_pad)),
+             tuple(_axis(n, f"y{i}") for i, n in enumerate(shape)))
+    full = [c for c in batch] + [cout] + dst_sp
+    y = B.reshape(y, tuple(sizes[c] for c in full), tuple(_axis(sizes[c], f"f{i}") for i, c in enumerate(full)))
+    kept = [c for c in eq.output if sizes[c] != 1]
+    y = B.permute(y, [full.index(c) for c in kept])
+    return B.reshape(y, node.shape, node.indices)
+
+
+def _letters(s: str, sizes) -> str:
+    return "".join(c for c in s if sizes[c] != 1)
+
+
+def _squeezed(x: Node, s: str, sizes) -> Node:
+    keep = [k for k, c in enumerate(s) if sizes[c] != 1]
+    if len(keep) == x.ndim:
+        return x
+    return B.reshape(x, tuple(x.shape[k] for k in keep), tuple(x.indices[k] for k in keep))
+
+
+def conv_flops(y: Node) -> int:
+    """Multiply-adds (x2) of a CONV node: every output element sums cin x taps products."""
+    x, w = y.src
+    per_out = math.prod(w.shape) // w.shape[1 if y.arg[0] else 0]
+    if y.arg[0]:  # transposed: each input element scatters cout x taps products
+        return 2 * math.prod(x.shape) * math.prod(w.shape) // w.shape[0]
+    return 2 * math.prod(y.shape) * per_out

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 
 __all__ = ["NONDIFF_FUNCTIONS", "NondiffFunction", "pool_output_size"]
 
@@ -47,21 +48,26 @@ def _window_shape(params, shape):
 
 
 def _window_argmax(x: torch.Tensor, kernel, stride, pad, dil, ceil) -> torch.Tensor:
-    """One-hot (…, *out, *kernel) of each pooling window's first maximum (padding is -inf)."""
+    """One-hot (…, *out, *kernel) of the tap each pooling window takes its maximum from: torch's own
+    max pooling picks it (so ties break as torch's do), then its flat input index becomes a tap."""
     d = len(kernel)
-    outs = _window_shape((kernel, stride, pad, dil, ceil), tuple(x.shape))[x.ndim - d:x.ndim]
-    widths = []
-    for k in range(d):  # pad right far enough for ceil-mode windows
-        need = (outs[k] - 1) * stride[k] + dil[k] * (kernel[k] - 1) + 1
-        widths.append((pad[k], max(0, need - x.shape[x.ndim - d + k] - pad[k])))
-    flat = [w for pair in reversed(widths) for w in pair]
-    xp = torch.nn.functional.pad(x, flat, value=-math.inf)
-    for k in range(d):
-        ax = x.ndim - d + k
-        xp = xp.unfold(ax, dil[k] * (kernel[k] - 1) + 1, stride[k])[..., ::dil[k]].narrow(ax, 0, outs[k])
-    win = xp.reshape(*xp.shape[:x.ndim], math.prod(kernel))
-    hot = torch.nn.functional.one_hot(win.argmax(-1), math.prod(kernel)).to(x.dtype)
-    return hot.reshape(*xp.shape[:x.ndim], *kernel)
+    pool = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[d - 1]
+    lead = x.shape[:x.ndim - d]
+    flat = x.reshape((-1, 1) + tuple(x.shape[x.ndim - d:]))  # (B, 1, *S): any leading axes
+    _, idx = pool(flat, kernel, stride, pad, dil, ceil, return_indices=True)
+    outs = idx.shape[2:]
+    spatial = x.shape[x.ndim - d:]
+    tap = torch.zeros_like(idx)
+    rem = idx
+    for k in reversed(range(d)):  # unravel the input position, subtract the window start
+        pos = rem % spatial[k]
+        rem = rem // spatial[k]
+        start = torch.arange(outs[k], device=x.device) * stride[k] - pad[k]
+        start = start.view((1, 1) + tuple(outs[k] if j == k else 1 for j in range(d)))
+        offset = (pos - start) // dil[k]
+        tap = tap + offset * math.prod(kernel[k + 1:])
+    hot = F.one_hot(tap, math.prod(kernel)).to(x.dtype)
+    return hot.reshape(tuple(lead) + tuple(outs) + tuple(kernel))
 
 
 def amax(x: torch.Tensor, dims) -> torch.Tensor:

@@ -30,7 +30,7 @@ def backpack_runner(model, lf, x, y, quantity):
     from backpack import extensions as ext
     table = {"grad": None, "batch_grad": ext.BatchGrad, "batch_l2": ext.BatchL2Grad,
              "sum_grad_squared": ext.SumGradSquared, "variance": ext.Variance, "ggn_diag": ext.DiagGGNExact,
-             "ggn_diag_mc": ext.DiagGGNMC, "batch_ggn_diag": ext.BatchDiagGGNExact}
+             "ggn_diag_mc": ext.DiagGGNMC, "batch_ggn_diag": ext.BatchDiagGGNExact, "kflr": ext.KFLR}
     ext_cls = table[quantity]
     model, lf = extend(model), extend(lf)
 

@@ -19,7 +19,7 @@ from hogc.zoo import ResNet, TinyGPT, c3d3
 
 from first_order import backpack_runner
 
-C3D3_QUANTITIES = ["grad", "batch_grad", "batch_l2", "sum_grad_squared", "variance", "ggn_diag"]
+C3D3_QUANTITIES = ["grad", "batch_grad", "batch_l2", "sum_grad_squared", "variance", "ggn_diag", "kflr"]
 ZOO_QUANTITIES = ["grad", "batch_l2", "sum_grad_squared", "ggn_diag_mc", "ggn_diag"]
 
 

@@ -171,3 +171,31 @@ def test_kfra_is_kflr_at_batch_size_one(case):
     for name in out["kflr"]:
         for got, want in zip(out["kfra"][name], out["kflr"][name]):
             close(got, want)
+
+
+CONV_MODELS = {
+    "conv2d_maxpool": (lambda: nn.Sequential(nn.Conv2d(2, 3, 3, padding=1, stride=2), nn.ReLU(), nn.MaxPool2d(2),
+                                             nn.Flatten(), nn.Linear(12, 4)), (5, 2, 8, 8)),
+    "c3d3": (lambda: __import__("hogc.zoo", fromlist=["c3d3"]).c3d3(3, (3, 4, 4), (6, 5), 4, size=16), (3, 3, 16, 16)),
+    "conv1d_dilated": (lambda: nn.Sequential(nn.Conv1d(2, 3, 3, dilation=2), nn.Tanh(), nn.Flatten(),
+                                             nn.Linear(12, 4)), (4, 2, 8)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONV_MODELS))
+def test_conv_kflr_matches_backpack(name):
+    """Convolutions: B from the position-summed square-root columns, A from the unfolded input
+    (BackPACK's convention for KFLR on convolutions)."""
+    make, shape = CONV_MODELS[name]
+    torch.manual_seed(0)
+    model = make().double()
+    x, y = torch.randn(shape, dtype=torch.float64), torch.randint(0, 4, (shape[0],))
+    lf = nn.CrossEntropyLoss()
+    out = hogc.compile(model, "kflr", loss=lf)(x, y)
+    model, lf = extend(model), extend(lf)
+    with bp_ctx(ext.KFLR()):
+        lf(model(x), y).backward()
+    for pname, p in model.named_parameters():
+        assert len(out[pname]) == len(p.kflr)
+        for got, want in zip(out[pname], p.kflr):
+            close(got, want)

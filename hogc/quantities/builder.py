@@ -130,6 +130,58 @@ class DerivativeBuilder:
         return sites
 
     @cached_property
+    def conv_maps(self) -> dict[str, tuple[str, Node, Node | None]]:
+        """Parameters used once as the weight (or bias) of a convolution (one group): name ->
+        ("conv_weight", y, unfold) or ("conv_bias", y, None), where y (N, C_out, *positions) is the
+        convolution's output before the bias and unfold the einsum (N, C_in, *taps, *positions) of
+        its input with the index patterns (hogc/capture/nn_ops.py)."""
+        from ..ir.node import Constant
+
+        order = topological_order([self.output])
+        uses: dict[int, int] = {}
+        for n in order:
+            for src in n.src:
+                uses[src.uid] = uses.get(src.uid, 0) + 1
+        names = {p.uid: k for k, p in self.params.items()}
+
+        def param(n: Node) -> Node | None:
+            if n.op is Op.RESHAPE and uses[n.uid] == 1:
+                n = n.src[0]
+            return n if n.uid in names and uses[n.uid] == 1 else None
+
+        sites: dict[str, tuple[str, Node, Node | None]] = {}
+        convs: set[int] = set()
+        for y in order:
+            if y.op is Op.RESHAPE and y.src[0].op is Op.EINSUM and uses[y.src[0].uid] == 1:
+                z = y.src[0]
+                eq = z.arg
+                pats = [k for k, s in enumerate(z.src) if s.op is Op.CONST and isinstance(s.arg, Constant)
+                        and s.arg.pattern is not None]
+                rest = [k for k in range(len(z.src)) if k not in pats]
+                if not pats or len(rest) != 2 or eq.metric:
+                    continue
+                ix, iw = rest
+                w = param(z.src[iw])
+                x = z.src[ix]
+                sx = eq.inputs[ix]
+                if w is None or x.sample_axis() != 0 or x.shape[1] != 1 or z.src[iw].shape[0] != 1:
+                    continue  # one group only
+                H = [eq.inputs[k][0] for k in pats]
+                if not all(h in sx for h in H) or any(h in eq.output for h in H):
+                    continue  # transposed convolutions are left out
+                taps = [eq.inputs[k][1] for k in pats]
+                unfold_out = sx[0] + sx[2] + "".join(taps) + "".join(eq.inputs[k][2] for k in pats)
+                unfold = B.einsum([sx] + [eq.inputs[k] for k in pats], unfold_out,
+                                  [x] + [z.src[k] for k in pats])
+                sites[names[w.uid]] = ("conv_weight", y, unfold)
+                convs.add(y.uid)
+            elif y.op is Op.ADD and y.src[0].uid in convs:
+                b = param(y.src[1])
+                if b is not None and b.ndim == 1:
+                    sites[names[b.uid]] = ("conv_bias", y.src[0], None)
+        return sites
+
+    @cached_property
     def vector(self) -> dict[str, Node]:
         """The direction v of the products, one INPUT per parameter (a parameter-space vector: upper)."""
         return {name: B.inp("vector", name, p.indices) for name, p in self.params.items()}

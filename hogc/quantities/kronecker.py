@@ -2,6 +2,8 @@
 KFRA (batch-averaged recursion)."""
 from __future__ import annotations
 
+import math
+
 from hogc.passes import elementwise as E
 
 from ..capture.losses import num_columns
@@ -16,12 +18,31 @@ def _kronecker(b: DerivativeBuilder, mc: bool) -> dict[str, Node]:
     B = sum_{c,n} g_cn g_cn^T from the square-root backward pass (output side, lower-lower) and
     A = mean_n x_n x_n^T (input side, upper-upper); a bias gets (B,). Keys ``"<name>/<k>"``."""
     sites = b.linear_maps
-    if not sites:
+    convs = b.conv_maps
+    if not sites and not convs:
         raise UnsupportedOpError("no parameter is used exactly once as the weight of a linear map on a 2-d "
                                  "input (F.linear(x, W, b) or x @ W.T + b), so there are no Kronecker factors to "
                                  "compute (weights shared over positions or layers arrive with the sequence work)")
-    cots = b.column_cotangents(mc, {f"z{k}": z for k, (_, z, _) in sites.items()})
+    cots = b.column_cotangents(mc, {f"z{k}": z for k, (_, z, _) in (sites | convs).items()})
     out = {}
+    for name, (kind, y, unfold) in convs.items():
+        # BackPACK's convention for convolutions (KFC with the bias's output factor):
+        # B = sum_{c,n} (sum_t g_t)(sum_t g_t)^T over positions t, A = sum_{n,t} u_t u_t^T / N
+        g = cots[f"z{name}"]  # (c, n, C_out, *positions)
+        npos = g.ndim - 3
+        L = B.letters(g.ndim + 1 + npos)
+        s, o2, t2 = L[:g.ndim], L[g.ndim], L[g.ndim + 1:]
+        # summing positions is basis-dependent (a contraction with ones): metric letters
+        out[f"{name}/0"] = B.einsum([s, s[:2] + o2 + t2], s[2] + o2, [g, g], metric=s[3:] + t2,
+                                    out_indices=(g.indices[2], g.indices[2]))
+        if kind == "conv_weight":  # unfold: (n, C_in, *taps, *positions)
+            d = (unfold.ndim - 2) // 2
+            n_in = math.prod(unfold.shape[1:2 + d])
+            M = B.letters(unfold.ndim + 1 + d)
+            u1, fresh = M[:unfold.ndim], M[unfold.ndim:]
+            u2 = u1[0] + fresh + u1[2 + d:]  # the same sample and positions, other (channel, taps)
+            A = B.einsum([u1, u2], u1[1:2 + d] + fresh, [unfold, unfold], metric=u1[2 + d:])
+            out[f"{name}/1"] = B.reshape(B.scale(A, 1.0 / b.N), (n_in, n_in))
     for name, (kind, z, x) in sites.items():
         g = cots[f"z{name}"]
         o = g.indices[2]
@@ -36,7 +57,8 @@ def _kronecker(b: DerivativeBuilder, mc: bool) -> dict[str, Node]:
 @register_quantity("kflr")
 def _kflr(b):
     """Kronecker factors from the exact loss-Hessian square root (KFLR): (B, A) for weights of
-    linear maps, (B,) for their biases; GGN block ~ B (x) A. Other parameters are left out."""
+    linear maps and convolutions (BackPACK's convention for these), (B,) for their biases; GGN
+    block ~ B (x) A. Other parameters are left out."""
     return _kronecker(b, mc=False)
 
 

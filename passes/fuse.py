@@ -14,6 +14,7 @@ from hogc.ir import Node, Op, Program, build as B
 from hogc.ir.node import Einsum
 
 from .paths import _path, path_flops
+from .selection import is_selection
 
 
 __all__ = ["fuse_einsums", "MAX_TERMS"]
@@ -76,6 +77,13 @@ def _terms(n: Node) -> list[tuple[float, Node]]:
     return out
 
 
+def _patterned(e: Node) -> bool:
+    """Does the einsum hold an index pattern (a convolution's or pooling's 0/1 selection)? Two
+    such networks stay apart: each is a kernel call or a gather on its own, merged they are a
+    product of patterns that neither kernel nor gather covers."""
+    return any(x.ndim >= 2 and is_selection(x) for x in e.src)
+
+
 def _network_flops(e: Node) -> int:
     if e.op is not Op.EINSUM or len(e.src) < 2:
         return math.prod(e.shape) if e.op is Op.EINSUM else 0
@@ -124,7 +132,8 @@ def _fuse(e: Node, uses: dict[int, int], merge_squares: bool = True) -> Node:
             done.append((sign, cur))
             continue
         for k, p in enumerate(cur.src):
-            if p.op is Op.EINSUM and (uses.get(p.uid, 0) <= 1 or _expanding(p)):
+            if p.op is Op.EINSUM and (uses.get(p.uid, 0) <= 1 or _expanding(p)) and \
+                    not (_patterned(cur) and _patterned(p)):
                 pending.append((sign, _inline(cur, k)))
                 break
             terms = _terms(p)

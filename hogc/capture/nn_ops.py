@@ -79,6 +79,9 @@ def _conv(x: Node, w: Node, b, stride, padding, dilation, groups: int, dtype, tr
         xs, ws = B.reshape(x, (N, G, C // G) + S), B.reshape(w, (G, C // G, Cout // G) + K)
     xl, wl = [n, g, ci], [g, co, ci] if not transposed else [g, ci, co]
     outl, ops, subs, outs = [n, g, co], [], [], []
+    if G == 1:  # no group axis: the parameter itself is the operand (per-sample gradients stay einsums)
+        xs, ws = x, w
+        xl, wl, outl = [n, ci], ([co, ci] if not transposed else [ci, co]), [n, co]
     for ax in range(d):
         h, t, o = next(L), next(L), next(L)
         s, k, st, p, dl = S[ax], K[ax], stride[ax], padding[ax], dilation[ax]

@@ -132,7 +132,7 @@ class DerivativeBuilder:
     @cached_property
     def conv_maps(self) -> dict[str, tuple[str, Node, Node | None]]:
         """Parameters used once as the weight (or bias) of a convolution (one group): name ->
-        ("conv_weight", y, unfold) or ("conv_bias", y, None), where y (N, C_out, *positions) is the
+        ("conv_weight", z, unfold) or ("conv_bias", z, None), where z (N, C_out, *positions) is the
         convolution's output before the bias and unfold the einsum (N, C_in, *taps, *positions) of
         its input with the index patterns (hogc/capture/nn_ops.py)."""
         from ..ir.node import Constant
@@ -151,34 +151,30 @@ class DerivativeBuilder:
 
         sites: dict[str, tuple[str, Node, Node | None]] = {}
         convs: set[int] = set()
-        for y in order:
-            if y.op is Op.RESHAPE and y.src[0].op is Op.EINSUM and uses[y.src[0].uid] == 1:
-                z = y.src[0]
+        for z in order:
+            if z.op is Op.EINSUM and z.ndim >= 3 and z.sample_axis() == 0 and not z.arg.metric:
                 eq = z.arg
                 pats = [k for k, s in enumerate(z.src) if s.op is Op.CONST and isinstance(s.arg, Constant)
                         and s.arg.pattern is not None]
                 rest = [k for k in range(len(z.src)) if k not in pats]
-                if not pats or len(rest) != 2 or eq.metric:
+                if not pats or len(rest) != 2:
                     continue
-                ix, iw = rest
-                w = param(z.src[iw])
-                x = z.src[ix]
-                sx = eq.inputs[ix]
-                if w is None or x.sample_axis() != 0 or x.shape[1] != 1 or z.src[iw].shape[0] != 1:
-                    continue  # one group only
+                ix, iw = rest if param(z.src[rest[1]]) is not None else rest[::-1]
+                w, x, sx = param(z.src[iw]), z.src[ix], eq.inputs[ix]
+                if w is None or w is not z.src[iw] or x.sample_axis() != 0 or len(sx) != 2 + len(pats):
+                    continue  # one group only (no group axis), the weight used as it is
                 H = [eq.inputs[k][0] for k in pats]
-                if not all(h in sx for h in H) or any(h in eq.output for h in H):
+                if sx[2:] != "".join(H) or any(h in eq.output for h in H):
                     continue  # transposed convolutions are left out
-                taps = [eq.inputs[k][1] for k in pats]
-                unfold_out = sx[0] + sx[2] + "".join(taps) + "".join(eq.inputs[k][2] for k in pats)
-                unfold = B.einsum([sx] + [eq.inputs[k] for k in pats], unfold_out,
-                                  [x] + [z.src[k] for k in pats])
-                sites[names[w.uid]] = ("conv_weight", y, unfold)
-                convs.add(y.uid)
-            elif y.op is Op.ADD and y.src[0].uid in convs:
-                b = param(y.src[1])
+                taps = "".join(eq.inputs[k][1] for k in pats)
+                unfold = B.einsum([sx] + [eq.inputs[k] for k in pats], sx[:2] + taps + "".join(
+                    eq.inputs[k][2] for k in pats), [x] + [z.src[k] for k in pats])
+                sites[names[w.uid]] = ("conv_weight", z, unfold)
+                convs.add(z.uid)
+            elif z.op is Op.ADD and z.src[0].uid in convs:
+                b = param(z.src[1])
                 if b is not None and b.ndim == 1:
-                    sites[names[b.uid]] = ("conv_bias", y.src[0], None)
+                    sites[names[b.uid]] = ("conv_bias", z.src[0], None)
         return sites
 
     @cached_property

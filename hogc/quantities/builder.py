@@ -93,16 +93,21 @@ class DerivativeBuilder:
         return {k: cots[k] for k in nodes if k in cots}
 
     @cached_property
-    def linear_maps(self) -> dict[str, tuple[str, Node, Node | None]]:
-        """Parameters used once in a linear map ``z_{no} = W_{oi} x_{ni} (+ b_o)`` (``F.linear``, or
-        ``x @ W.T``): name -> ("weight", z, x) or ("bias", z + b, None). A bias factor uses the
-        cotangent of ``z + b`` itself: ``z`` may have other uses."""
+    def _forward_uses(self) -> tuple[tuple[Node, ...], dict[int, int], dict[int, str]]:
+        """The forward graph in topological order, each node's number of uses, parameter names by uid."""
         order = topological_order([self.output])
         uses: dict[int, int] = {}
         for n in order:
             for src in n.src:
                 uses[src.uid] = uses.get(src.uid, 0) + 1
-        names = {p.uid: k for k, p in self.params.items()}
+        return order, uses, {p.uid: k for k, p in self.params.items()}
+
+    @cached_property
+    def linear_maps(self) -> dict[str, tuple[str, Node, Node | None]]:
+        """Parameters used once in a linear map ``z_{no} = W_{oi} x_{ni} (+ b_o)`` (``F.linear``, or
+        ``x @ W.T``): name -> ("weight", z, x) or ("bias", z + b, None). A bias factor uses the
+        cotangent of ``z + b`` itself: ``z`` may have other uses."""
+        order, uses, names = self._forward_uses
 
         def weight(w: Node, sw: str) -> tuple[Node, str] | None:
             """The parameter behind operand w, with its letters in (out, in) order."""
@@ -137,12 +142,7 @@ class DerivativeBuilder:
         its input with the index patterns (hogc/capture/nn_ops.py)."""
         from ..ir.node import Constant
 
-        order = topological_order([self.output])
-        uses: dict[int, int] = {}
-        for n in order:
-            for src in n.src:
-                uses[src.uid] = uses.get(src.uid, 0) + 1
-        names = {p.uid: k for k, p in self.params.items()}
+        order, uses, names = self._forward_uses
 
         def param(n: Node) -> Node | None:
             if n.op is Op.RESHAPE and uses[n.uid] == 1:

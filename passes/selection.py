@@ -82,8 +82,52 @@ def _merged(n: int, tag: str) -> Index:
     return Index(f"{_SEL}{tag}", n, _SEL, Variance.BATCH)
 
 
+def _strided(sx: str, sp: str, out: str, x: Node, p: Node, kind: str, out_indices) -> Node | None:
+    """A convolution pattern P[h, t, o] = [h == o s + t d - pad] (``Constant.pattern``) as strided
+    slices: gather = pad, then one slice of step s per tap t, stacked (im2col without index
+    lists); scatter = each tap's slice placed back with step s and summed (col2im)."""
+    pat = p.arg.pattern if isinstance(p.arg, Constant) else None
+    if pat is None or len(sp) != 3:
+        return None
+    stride, pad, dil = pat
+    h, t, o = sp
+    S, K, O = p.shape
+    need = (O - 1) * stride + (K - 1) * dil + 1  # padded length the windows span
+    total = max(S + 2 * pad, need)
+    if kind == "gather" and h in sx and t in out and o in out:
+        ax = sx.index(h)
+        xp = B.pad(x, ax, pad, 1, total, _merged(total, "p")) if total != S else x
+        taps = []
+        for k in range(K):
+            sl = B.slice_(xp, ax, k * dil, k * dil + (O - 1) * stride + 1, stride,
+                          indices=xp.indices[:ax] + (_merged(O, "o"),) + xp.indices[ax + 1:])
+            taps.append(B.unsqueeze(sl, ax))
+        stacked = B.cat(taps, ax, indices=xp.indices[:ax] + (_merged(K, "t"), _merged(O, "o")) + xp.indices[ax + 1:])
+        letters = sx[:ax] + t + o + sx[ax + 1:]
+    elif kind == "scatter" and t in sx and o in sx and h in out:
+        at, ao = sx.index(t), sx.index(o)
+        rest = [c for c in sx if c not in (t, o)]
+        xs = B.permute(x, [sx.index(c) for c in rest] + [at, ao])
+        d = len(rest)
+        lead = xs.indices[:d]
+        placed = None
+        for k in range(K):
+            sl = B.reshape(B.slice_(xs, d, k, k + 1), xs.shape[:d] + (O,), lead + (_merged(O, "o"),))
+            pd = B.pad(sl, d, k * dil, stride, total, _merged(total, "p"))
+            placed = pd if placed is None else B.add(placed, pd)
+        stacked = B.slice_(placed, d, pad, pad + S, 1, indices=lead + (_merged(S, "h"),))
+        letters = "".join(rest) + h
+    else:
+        return None
+    result = B.permute(stacked, [letters.index(c) for c in out])
+    return B.reshape(result, result.shape, tuple(out_indices))
+
+
 def selection_step(sx: str, sp: str, out: str, x: Node, p: Node, kind: str, out_indices) -> Node:
     """The pairwise step as a gather or scatter-add, result letters ``out`` with ``out_indices``."""
+    strided = _strided(sx, sp, out, x, p, kind, out_indices)
+    if strided is not None:
+        return strided
     G, O = _split(sx, sp, out)
     m = _matrix(p, sp, tuple(G), tuple(O))
     rest = [c for c in sx if c not in G]

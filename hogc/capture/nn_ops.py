@@ -136,7 +136,8 @@ def _spatial(x: Node, d: int) -> tuple[int, ...]:
     return x.shape[-d:]
 
 
-def _pool_with(x: Node, mats: list[torch.Tensor], extra: list[tuple[Node, str]] = (), taps: bool = False) -> Node:
+def _pool_with(x: Node, mats: list[torch.Tensor], extra: list[tuple[Node, str]] = (), taps: bool = False,
+               meta: list[tuple] | None = None) -> Node:
     """Contract each trailing spatial axis of x with its matrix A[h, o] (or pattern P[h, t, o])."""
     d = len(mats)
     L = iter("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
@@ -152,7 +153,7 @@ def _pool_with(x: Node, mats: list[torch.Tensor], extra: list[tuple[Node, str]] 
             terms.append(h + t + o)
         else:
             terms.append(h + o)
-        ops.append(_const(A, "pool"))
+        ops.append(_const(A, "pool", meta[len(ops)] if meta else None))
     extra_terms = [lead + outs[len(lead):] + tl] if extra else []
     return B.einsum([xs] + terms + extra_terms, outs, [x] + ops + [e for e, _ in extra])
 
@@ -206,7 +207,7 @@ def _max_pool(x, kernel, stride=None, padding=0, dilation=1, ceil_mode=False, *,
     mask = B.nondiff("window_argmax", params, x)  # (..., *out, *kernel), one-hot per window
     pats = [_pattern(s, k, pool_output_size(s, k, st, p, dl, ceil_mode), st, p, dl, out_dtype)
             for s, k, st, p, dl in zip(S, kernel, stride, padding, dilation)]
-    return _pool_with(x, pats, [(mask, "")], taps=True)
+    return _pool_with(x, pats, [(mask, "")], taps=True, meta=list(zip(stride, padding, dilation)))
 
 
 def _per_dim(fn, d: int):

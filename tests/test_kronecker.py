@@ -179,6 +179,8 @@ CONV_MODELS = {
     "c3d3": (lambda: __import__("hogc.zoo", fromlist=["c3d3"]).c3d3(3, (3, 4, 4), (6, 5), 4, size=16), (3, 3, 16, 16)),
     "conv1d_dilated": (lambda: nn.Sequential(nn.Conv1d(2, 3, 3, dilation=2), nn.Tanh(), nn.Flatten(),
                                              nn.Linear(12, 4)), (4, 2, 8)),
+    "conv_1x1_and_3x1": (lambda: nn.Sequential(nn.Conv2d(2, 3, 1), nn.Tanh(), nn.Conv2d(3, 3, (3, 1)), nn.Flatten(),
+                                               nn.Linear(24, 4)), (3, 2, 4, 4)),
 }
 
 

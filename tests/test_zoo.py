@@ -135,3 +135,38 @@ def test_convolution_networks_become_convolution_kernels():
     naive = hogc.compile(model, "grad", loss=lf, optimize="naive")  # contracts exactly what the passes wrote
     naive(x, y)
     assert not any(n.op is Op.CONV for n in naive._require().program.nodes)
+
+
+class _BufferMaskAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.o = nn.Linear(4, 12), nn.Linear(12, 3)
+        self.register_buffer("mask", torch.ones(3, 3, dtype=torch.bool).tril())
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).split(4, -1)
+        return self.o(nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=self.mask).flatten(1))
+
+
+def test_attention_mask_in_a_buffer():
+    torch.manual_seed(0)
+    model = _BufferMaskAttention().double()
+    x, y = torch.randn(2, 3, 4, dtype=torch.float64), torch.randint(0, 3, (2,))
+    lf = nn.CrossEntropyLoss()
+    got = hogc.compile(model, ("grad", "ggn_diag"), loss=lf)(x, y)
+    ref = Reference(model, lf, x, y)
+    for q in ("grad", "ggn_diag"):
+        want = getattr(ref, q)()
+        for k in want:
+            close(got[q][k], want[k])
+
+
+def test_variance_with_too_large_a_correction_is_a_clear_error():
+    model = nn.Sequential(nn.Linear(3, 4), nn.Unflatten(1, (2, 2)))
+
+    class Var(nn.Module):
+        def forward(self, h):
+            return torch.var(h, dim=2, correction=3)
+
+    with pytest.raises(hogc.UnsupportedOpError, match="correction 3"):
+        hogc.compile(nn.Sequential(model, Var()), "grad", loss=nn.MSELoss())(torch.randn(4, 3), torch.randn(4, 2))

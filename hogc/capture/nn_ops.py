@@ -63,7 +63,8 @@ def _conv(x: Node, w: Node, b, stride, padding, dilation, groups: int, dtype, tr
                 raise UnsupportedOpError("padding='same' with a stride")
             tot = [dl * (k - 1) for dl, k in zip(dilation, K)]
             if any(t % 2 for t in tot):
-                raise UnsupportedOpError("padding='same' with an even total padding (asymmetric) is not supported")
+                raise UnsupportedOpError("padding='same' with an odd total padding (torch pads asymmetrically "
+                                         "there) is not supported; pad explicitly with F.pad")
             padding = tuple(t // 2 for t in tot)
         else:
             raise UnsupportedOpError(f"convolution padding '{padding}'")
@@ -280,6 +281,9 @@ def _var(x, dim=None, unbiased=True, keepdim=False, *, correction=None, op_name)
     else:  # var.correction passes the correction positionally-free; 'unbiased' may hold keepdim
         corr = 1 if correction is None else correction
     count = math.prod(x.shape[d] for d in dims)
+    if count - corr <= 0:
+        raise UnsupportedOpError(f"{op_name} over {count} element(s) with correction {corr}: torch gives inf or "
+                                 f"nan there, which has no derivative")
     xc = _sub(x, _mean(x, dims, True))
     v = B.scale(_sum(_mul(xc, xc), dims, keepdim), 1.0 / (count - corr))
     return _unary("sqrt")(v) if op_name == "std" else v
@@ -318,13 +322,16 @@ def _sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, *, scale=None
         mask = torch.zeros(Lq, S, dtype=out_dtype).masked_fill(~torch.ones(Lq, S, dtype=torch.bool).tril(), -math.inf)
         s = _add(s, _const(mask, "causal"))
     if attn_mask is not None:
-        if attn_mask.op is not Op.CONST or not isinstance(attn_mask.arg, Constant):
+        if attn_mask.op is Op.CONST and isinstance(attn_mask.arg, Constant):
+            m = attn_mask.arg.tensor
+            additive = torch.zeros(m.shape, dtype=out_dtype).masked_fill(~m, -math.inf) if m.dtype == torch.bool \
+                else m.to(out_dtype)
+            s = _add(s, _const(additive, "mask"))
+        elif attn_mask.op is Op.INPUT and attn_mask.arg[0] == "buffer":  # a registered mask: read at each call
+            s = _add(s, B.nondiff("additive_mask", (str(out_dtype).split(".")[-1],), attn_mask))
+        else:
             raise UnsupportedOpError("scaled_dot_product_attention with an attn_mask computed inside the model "
-                                     "(pass a constant mask, or is_causal=True)")
-        m = attn_mask.arg.tensor
-        additive = torch.zeros(m.shape, dtype=out_dtype).masked_fill(~m, -math.inf) if m.dtype == torch.bool \
-            else m.to(out_dtype)
-        s = _add(s, _const(additive, "mask"))
+                                     "(pass a constant or a registered buffer, or is_causal=True)")
     p = _softmax(s, -1)
     return B.einsum([lead + "ij", lead + "jf"], lead + "if", [p, v])
 
@@ -344,7 +351,7 @@ def _embedding(weight, indices, padding_idx=-1, scale_grad_by_freq=False, sparse
 
 
 @lowering("pad", "constant_pad_nd")
-def _pad(x, pad, mode="constant", value=None):
+def _pad(x, pad, mode="constant", value=None, *, out_dtype):
     if mode != "constant":
         raise UnsupportedOpError(f"padding mode '{mode}' (only 'constant' is supported)")
     y = x
@@ -358,7 +365,7 @@ def _pad(x, pad, mode="constant", value=None):
         if left or right:
             y = B.pad(y, dim, left, 1, n + left + right, fresh_indices((n + left + right,), "pad")[0])
     if value:
-        ones = torch.ones(x.shape)
+        ones = torch.ones(x.shape, dtype=out_dtype)
         filled = torch.nn.functional.pad(ones, list(pad), value=0.0)
         y = _add(y, _const((1 - filled) * value, "pad"))
     return y

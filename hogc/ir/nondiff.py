@@ -82,6 +82,13 @@ def window_argmax(x: torch.Tensor, kernel, stride, pad, dil, ceil) -> torch.Tens
     return _window_argmax(x, kernel, stride, pad, dil, ceil)
 
 
+def additive_mask(m: torch.Tensor, dtype: str) -> torch.Tensor:
+    """An attention mask as scores to add: a boolean one is 0 where allowed, -inf elsewhere."""
+    dt = getattr(torch, dtype)
+    return torch.zeros(m.shape, dtype=dt, device=m.device).masked_fill(~m, -math.inf) if m.dtype == torch.bool \
+        else m.to(dt)
+
+
 NONDIFF_FUNCTIONS: dict[str, NondiffFunction] = {
     # params (dims,): the maximum over dims, kept as size-1 axes
     "amax": NondiffFunction(_amax_shape, lambda p, n: [(k, k) for k in range(n) if k not in p[0]],
@@ -89,6 +96,9 @@ NONDIFF_FUNCTIONS: dict[str, NondiffFunction] = {
     # params (kernel, stride, padding, dilation, ceil_mode) over the trailing len(kernel) axes
     "window_argmax": NondiffFunction(_window_shape, lambda p, n: [(k, k) for k in range(n - len(p[0]))],
                                      window_argmax),
+    # params (dtype name,): a boolean or additive attention mask -> additive scores
+    "additive_mask": NondiffFunction(lambda p, shape: tuple(shape), lambda p, n: [(k, k) for k in range(n)],
+                                     additive_mask),
     # params (num_classes, dtype name): integer ids -> one-hot rows
     "one_hot": NondiffFunction(lambda p, shape: tuple(shape) + (p[0],), lambda p, n: [(k, k) for k in range(n)],
                                one_hot),

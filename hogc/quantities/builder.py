@@ -152,23 +152,40 @@ class DerivativeBuilder:
         sites: dict[str, tuple[str, Node, Node | None]] = {}
         convs: set[int] = set()
         for z in order:
-            if z.op is Op.EINSUM and z.ndim >= 3 and z.sample_axis() == 0 and not z.arg.metric:
+            if z.op is Op.EINSUM and z.ndim >= 3 and z.sample_axis() == 0:
                 eq = z.arg
+                sizes = {c: n for s, x in zip(eq.inputs, z.src) for c, n in zip(s, x.shape)}
+                if any(sizes[c] != 1 for c in eq.metric):  # a weight's 1-tap axes are summed alone
+                    continue
                 pats = [k for k, s in enumerate(z.src) if s.op is Op.CONST and isinstance(s.arg, Constant)
                         and s.arg.pattern is not None]
                 rest = [k for k in range(len(z.src)) if k not in pats]
-                if not pats or len(rest) != 2:
+                if len(rest) != 2:
                     continue
                 ix, iw = rest if param(z.src[rest[1]]) is not None else rest[::-1]
                 w, x, sx = param(z.src[iw]), z.src[ix], eq.inputs[ix]
-                if w is None or w is not z.src[iw] or x.sample_axis() != 0 or len(sx) != 2 + len(pats):
+                if w is None or w is not z.src[iw] or x.sample_axis() != 0 or w.ndim != x.ndim or w.ndim < 3:
                     continue  # one group only (no group axis), the weight used as it is
-                H = [eq.inputs[k][0] for k in pats]
-                if sx[2:] != "".join(H) or any(h in eq.output for h in H):
+                by_h = {eq.inputs[k][0]: k for k in pats}
+                # each spatial axis: a pattern's input letter, or a dense (1-tap) axis kept in the result
+                if any(h not in by_h and h not in eq.output for h in sx[2:]) or any(h in eq.output for h in by_h) \
+                        or set(by_h) - set(sx[2:]) or not z.src[ix].has_sample:
                     continue  # transposed convolutions are left out
-                taps = "".join(eq.inputs[k][1] for k in pats)
-                unfold = B.einsum([sx] + [eq.inputs[k] for k in pats], sx[:2] + taps + "".join(
-                    eq.inputs[k][2] for k in pats), [x] + [z.src[k] for k in pats])
+                sw = eq.inputs[iw]  # (out channel, in channel, one tap letter per spatial axis)
+                want = [eq.inputs[by_h[h]][1] if h in by_h else None for h in sx[2:]]
+                if len(sw) != x.ndim or sw[1] != sx[1] or sw[0] not in eq.output or sw[1] in eq.output or any(
+                        (t != c) if t is not None else (sizes[c] != 1 or c in eq.output) for t, c in zip(want, sw[2:])):
+                    continue
+                taps = "".join(eq.inputs[by_h[h]][1] for h in sx[2:] if h in by_h)
+                pos = "".join(eq.inputs[by_h[h]][2] if h in by_h else h for h in sx[2:])
+                unfold = B.einsum([sx] + [eq.inputs[k] for k in pats], sx[:2] + taps + pos,
+                                  [x] + [z.src[k] for k in pats]) if pats else x
+                d = x.ndim - 2
+                shape = unfold.shape[:2] + tuple(z.src[by_h[h]].shape[1] if h in by_h else 1 for h in sx[2:]) + \
+                    unfold.shape[2 + len(taps):]
+                unfold = B.reshape(unfold, shape)
+                if not pats and (len(eq.inputs[iw]) != w.ndim or d < 1):
+                    continue
                 sites[names[w.uid]] = ("conv_weight", z, unfold)
                 convs.add(z.uid)
             elif z.op is Op.ADD and z.src[0].uid in convs:

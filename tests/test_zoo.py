@@ -170,3 +170,17 @@ def test_variance_with_too_large_a_correction_is_a_clear_error():
 
     with pytest.raises(hogc.UnsupportedOpError, match="correction 3"):
         hogc.compile(nn.Sequential(model, Var()), "grad", loss=nn.MSELoss())(torch.randn(4, 3), torch.randn(4, 2))
+
+
+def test_col2im_by_placed_slices_is_exact(monkeypatch):
+    """The alternative scatter of convolution patterns (off by default: slower on CPU) stays exact."""
+    from hogc.passes import selection
+
+    monkeypatch.setattr(selection, "SCATTER_BY_SLICES", True)
+    model, lf, x, y = ZOO[0].data()
+    got = hogc.compile(model, ("grad", "ggn_diag"), loss=lf)(x, y)
+    ref = Reference(model, lf, x, y)
+    for q in ("grad", "ggn_diag"):
+        want = getattr(ref, q)()
+        for k in want:
+            close(got[q][k], want[k])

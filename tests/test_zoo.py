@@ -184,3 +184,22 @@ def test_col2im_by_placed_slices_is_exact(monkeypatch):
         want = getattr(ref, q)()
         for k in want:
             close(got[q][k], want[k])
+
+
+@pytest.mark.parametrize("conv, shape", [
+    (lambda: nn.Conv1d(2, 3, 4, padding="same"), (2, 2, 5)),
+    (lambda: nn.Conv2d(2, 3, (3, 4), padding="same", dilation=(2, 1)), (2, 2, 5, 6)),
+])
+def test_same_padding_with_an_odd_total(conv, shape):
+    """torch pads one more zero on the right there; hogc pads the input explicitly."""
+    torch.manual_seed(0)
+    model = nn.Sequential(conv(), nn.Tanh(), nn.Flatten(), nn.LazyLinear(3)).double()
+    x, y = torch.randn(shape, dtype=torch.float64), torch.randint(0, 3, (shape[0],))
+    model(x)  # materialize the lazy layer
+    lf = nn.CrossEntropyLoss()
+    got = hogc.compile(model, ("grad", "ggn_diag", "hessian_diag"), loss=lf)(x, y)
+    ref = Reference(model, lf, x, y)
+    for q in ("grad", "ggn_diag", "hessian_diag"):
+        want = getattr(ref, q)()
+        for k in want:
+            close(got[q][k], want[k])

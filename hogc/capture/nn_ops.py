@@ -55,6 +55,8 @@ def _conv(x: Node, w: Node, b, stride, padding, dilation, groups: int, dtype, tr
     output_padding = _tuple(output_padding, d)
     N, C, S = x.shape[0], x.shape[1], x.shape[2:]
     K = w.shape[2:]
+    if transposed and isinstance(padding, str):
+        raise UnsupportedOpError(f"transposed convolution with padding '{padding}'")
     if isinstance(padding, str):
         if padding == "valid":
             padding = (0,) * d
@@ -62,9 +64,12 @@ def _conv(x: Node, w: Node, b, stride, padding, dilation, groups: int, dtype, tr
             if any(s != 1 for s in stride):
                 raise UnsupportedOpError("padding='same' with a stride")
             tot = [dl * (k - 1) for dl, k in zip(dilation, K)]
-            if any(t % 2 for t in tot):
-                raise UnsupportedOpError("padding='same' with an odd total padding (torch pads asymmetrically "
-                                         "there) is not supported; pad explicitly with F.pad")
+            for ax, t in enumerate(tot):  # an odd total: torch puts the extra zero on the right
+                if t % 2:
+                    dim = 2 + ax
+                    size = x.shape[dim] + 1
+                    x = B.pad(x, dim, 0, 1, size, fresh_indices((size,), "same")[0])
+            S = x.shape[2:]
             padding = tuple(t // 2 for t in tot)
         else:
             raise UnsupportedOpError(f"convolution padding '{padding}'")

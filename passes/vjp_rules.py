@@ -257,4 +257,4 @@ def _cat(node, cot, ctx, k):
 
 @defrule("piecewise-constant", Op.NONDIFF)
 def _nondiff(node, cot, ctx):
-    return [None]  # zero derivative: selections, encodings, invariant shifts (hogc.ir.nondiff)
+    return [None] * len(node.src)  # zero derivative: selections, encodings, shifts, masks (hogc.ir.nondiff)

@@ -203,3 +203,34 @@ def test_same_padding_with_an_odd_total(conv, shape):
         want = getattr(ref, q)()
         for k in want:
             close(got[q][k], want[k])
+
+
+def test_dropout_in_train_mode_uses_the_mask_of_the_call():
+    """The mask is drawn from the call's generator (seed= makes it reproducible); every quantity of
+    the call sees the same mask: equal to the model with that mask fixed."""
+    torch.manual_seed(0)
+    p, seed = 0.4, 11
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Dropout(p), nn.Linear(6, 3)).double().train()
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,))
+    lf = nn.CrossEntropyLoss()
+    fn = hogc.compile(model, ("loss", "grad", "batch_grad", "ggn_diag", "hessian_diag"), loss=lf, seed=seed)
+    got = fn(x, y)
+    mask = torch.empty(5, 6, dtype=torch.float64).bernoulli_(1 - p, generator=torch.Generator().manual_seed(seed))
+    mask = mask / (1 - p)
+
+    class Fixed(nn.Module):  # the mask travels with its sample (the reference vmaps over samples)
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, xm):
+            h = self.inner[1](self.inner[0](xm[:, :4])) * xm[:, 4:]
+            return self.inner[3](h)
+
+    ref = Reference(Fixed(), lf, torch.cat([x, mask], 1), y)
+    close(got["loss"], ref.loss())
+    for q in ("grad", "batch_grad", "ggn_diag", "hessian_diag"):
+        want = getattr(ref, q)()
+        for k in want:
+            close(got[q][k.removeprefix("inner.")], want[k])
+    assert torch.equal(fn(x, y)["grad"]["0.weight"], got["grad"]["0.weight"])  # same seed, same mask

@@ -387,9 +387,13 @@ def _split(x, arg=None, dim=0, *, op_name):
 
 @lowering("dropout")
 def _dropout(x, p, train):
-    if train and p > 0:
-        raise UnsupportedOpError("dropout in training mode (call model.eval() or set p=0)")
-    return x
+    """Eval: the identity. Train: x times this call's random mask (drawn from the call's generator),
+    a constant of the derivatives, so every quantity of one call sees the same mask."""
+    if not train or p == 0:
+        return x
+    if p >= 1:
+        return B.scale(x, 0.0)
+    return B.mul(x, B.nondiff("dropout_mask", (float(p),), x, B.inp("rng", "generator", ())))
 
 
 @lowering("detach")

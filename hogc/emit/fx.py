@@ -257,7 +257,7 @@ def _structural(g, node, args, gm):
 @emitter(Op.NONDIFF)
 def _nondiff(g, node, args, gm):
     fname, params = node.arg
-    return _fn(g, NONDIFF_FUNCTIONS[fname].run, args[0], *params)
+    return _fn(g, NONDIFF_FUNCTIONS[fname].run, *args, *params)
 
 
 @emitter(Op.CAT)

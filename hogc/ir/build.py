@@ -312,8 +312,9 @@ def cat(xs: Sequence[Node], dim: int, indices=None, where=None) -> Node:
     return Node(Op.CAT, xs, dim, tuple(indices), where)
 
 
-def nondiff(fname: str, params: tuple, x: Node, where=None) -> Node:
-    """A piecewise-constant function of ``x`` (``hogc.ir.nondiff``): kept axes keep x's indices."""
+def nondiff(fname: str, params: tuple, x: Node, *extra: Node, where=None) -> Node:
+    """A piecewise-constant function of ``x`` (``hogc.ir.nondiff``): kept axes keep x's indices;
+    ``extra`` sources are further runtime arguments (a random generator)."""
     from .nondiff import NONDIFF_FUNCTIONS
 
     fn = NONDIFF_FUNCTIONS[fname]
@@ -322,4 +323,4 @@ def nondiff(fname: str, params: tuple, x: Node, where=None) -> Node:
     indices = tuple(x.indices[kept[k]] if k in kept and x.shape[kept[k]] == d else
                     Index(f"{fname}.{k}", d, f"{fname}.{k}", Variance.UP) if d != 1 else unit()
                     for k, d in enumerate(shape))
-    return Node(Op.NONDIFF, (x,), (fname, tuple(params)), indices, where)
+    return Node(Op.NONDIFF, (x,) + tuple(extra), (fname, tuple(params)), indices, where)

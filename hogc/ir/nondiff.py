@@ -82,6 +82,12 @@ def window_argmax(x: torch.Tensor, kernel, stride, pad, dil, ceil) -> torch.Tens
     return _window_argmax(x, kernel, stride, pad, dil, ceil)
 
 
+def dropout_mask(x: torch.Tensor, generator: torch.Generator, p: float) -> torch.Tensor:
+    """Inverted dropout's scaled mask for this call: Bernoulli(1 - p) / (1 - p), drawn from the
+    call's generator (``seed=`` / ``generator=`` of hogc.compile make it reproducible)."""
+    return torch.empty_like(x).bernoulli_(1.0 - p, generator=generator).div_(1.0 - p)
+
+
 def additive_mask(m: torch.Tensor, dtype: str) -> torch.Tensor:
     """An attention mask as scores to add: a boolean one is 0 where allowed, -inf elsewhere."""
     dt = getattr(torch, dtype)
@@ -96,6 +102,9 @@ NONDIFF_FUNCTIONS: dict[str, NondiffFunction] = {
     # params (kernel, stride, padding, dilation, ceil_mode) over the trailing len(kernel) axes
     "window_argmax": NondiffFunction(_window_shape, lambda p, n: [(k, k) for k in range(n - len(p[0]))],
                                      window_argmax),
+    # params (p,), sources (x, generator): the scaled dropout mask of this call, shaped like x
+    "dropout_mask": NondiffFunction(lambda p, shape: tuple(shape), lambda p, n: [(k, k) for k in range(n)],
+                                    dropout_mask),
     # params (dtype name,): a boolean or additive attention mask -> additive scores
     "additive_mask": NondiffFunction(lambda p, shape: tuple(shape), lambda p, n: [(k, k) for k in range(n)],
                                      additive_mask),

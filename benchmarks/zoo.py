@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import statistics
-import time
 
 import torch
 from torch import nn
@@ -17,42 +15,24 @@ from torch import nn
 import hogc
 from hogc.zoo import ResNet, TinyGPT, c3d3
 
+from curvature import measure, plain_runner
 from first_order import backpack_runner
 
 C3D3_QUANTITIES = ["grad", "batch_grad", "batch_l2", "sum_grad_squared", "variance", "ggn_diag", "kflr"]
 ZOO_QUANTITIES = ["grad", "batch_l2", "sum_grad_squared", "ggn_diag_mc", "ggn_diag"]
 
 
-def _interleaved(runners: dict, repeat: int) -> dict:
-    for run in runners.values():
-        run()  # warm-up (and the first compile)
-    times: dict = {k: [] for k in runners}
-    for _ in range(repeat):
-        for k, run in runners.items():
-            t = time.perf_counter()
-            run()
-            times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
-def _plain(model, lf, x, y):
-    def run():
-        model.zero_grad(set_to_none=True)
-        lf(model(x), y).backward()
-    return run
-
-
 def c3d3_table(repeat: int) -> list[str]:
     torch.manual_seed(0)
     x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
-    model, lf = c3d3(), nn.CrossEntropyLoss()
-    runners = {"plain": _plain(model, lf, x, y)}
+    model = c3d3()
+    runners = {"plain": plain_runner(model, x, y)}
     for q in C3D3_QUANTITIES:
         runners[(q, "hogc")] = functools.partial(hogc.compile(model, q), x, y)
         bp = c3d3()
         bp.load_state_dict(model.state_dict())
         runners[(q, "backpack")] = backpack_runner(bp, nn.CrossEntropyLoss(), x, y, q)
-    med = _interleaved(runners, repeat)
+    med = measure(runners, repeat)
     rows = [f"3c3d (895,210 parameters), batch 32, plain gradient = {med['plain'] * 1e3:.1f} ms = 1.00\n",
             "| quantity | hogc | BackPACK | BackPACK / hogc |", "|---|---:|---:|---:|"]
     for q in C3D3_QUANTITIES:
@@ -72,11 +52,10 @@ def zoo_table(repeat: int) -> list[str]:
     rows = ["| model | plain grad ms | " + " | ".join(ZOO_QUANTITIES) + " |",
             "|---|---:|" + "---:|" * len(ZOO_QUANTITIES)]
     for name, (model, x, y) in problems.items():
-        lf = nn.CrossEntropyLoss()
-        runners = {"plain": _plain(model, lf, x, y)}
+        runners = {"plain": plain_runner(model, x, y)}
         for q in ZOO_QUANTITIES:
             runners[q] = functools.partial(hogc.compile(model, q, seed=0), x, y)
-        med = _interleaved(runners, repeat)
+        med = measure(runners, repeat)
         rows.append(f"| {name} | {med['plain'] * 1e3:.1f} | " +
                     " | ".join(f"{med[q] / med['plain']:.2f}" for q in ZOO_QUANTITIES) + " |")
     return rows

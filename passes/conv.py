@@ -16,10 +16,11 @@ import math
 from hogc.ir import Index, Node, Op, Variance, build as B
 from hogc.ir.node import Constant, Einsum
 
-__all__ = ["conv_network", "conv_flops"]
+__all__ = ["conv_network", "conv_flops", "pattern_of"]
 
 
-def _pattern(x: Node):
+def pattern_of(x: Node) -> tuple | None:
+    """(stride, padding, dilation) of a convolution index-pattern constant P[h, k, o], else None."""
     if x.op is Op.CONST and isinstance(x.arg, Constant) and x.arg.pattern is not None and x.ndim == 3:
         return x.arg.pattern
     return None
@@ -33,7 +34,7 @@ def conv_network(node: Node) -> Node | None:
     """The network as CONV node(s) with its own result indices, or None if it is not one."""
     eq: Einsum = node.arg
     ops = list(node.src)
-    pats = [k for k, x in enumerate(ops) if _pattern(x) is not None]
+    pats = [k for k, x in enumerate(ops) if pattern_of(x) is not None]
     rest = [k for k in range(len(ops)) if k not in pats]
     if not pats or len(rest) != 2 or len(pats) > 3:
         return None
@@ -46,7 +47,7 @@ def conv_network(node: Node) -> Node | None:
         s = eq.inputs[k]
         if len(set(s)) != 3 or any(c in unit for c in s):
             return None
-        specs.append((s[0], s[1], s[2], _pattern(ops[k])))
+        specs.append((s[0], s[1], s[2], pattern_of(ops[k])))
     H, T, O = ({sp[i] for sp in specs} for i in range(3))
     out = set(eq.output)
     for a, b in ((rest[0], rest[1]), (rest[1], rest[0])):
@@ -126,7 +127,6 @@ def _squeezed(x: Node, s: str, sizes) -> Node:
 def conv_flops(y: Node) -> int:
     """Multiply-adds (x2) of a CONV node: every output element sums cin x taps products."""
     x, w = y.src
-    per_out = math.prod(w.shape) // w.shape[1 if y.arg[0] else 0]
     if y.arg[0]:  # transposed: each input element scatters cout x taps products
         return 2 * math.prod(x.shape) * math.prod(w.shape) // w.shape[0]
-    return 2 * math.prod(y.shape) * per_out
+    return 2 * math.prod(y.shape) * math.prod(w.shape) // w.shape[0]

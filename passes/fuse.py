@@ -91,17 +91,19 @@ def _network_flops(e: Node) -> int:
     return path_flops(e.arg, shapes, _path(e.arg, shapes, "auto"))
 
 
-def _distributing_pays(e: Node, k: int, terms, uses: dict[int, int]) -> bool:
+def _distributed_if_cheap(e: Node, k: int, terms, uses: dict[int, int]) -> list | None:
     """A sum of einsums used only by ``e``, which contracts it: distributing ``e`` over the terms
     lets each fuse with its term (``<sum_n a_n b_n^T, U> = sum_n <a_n, U b_n>``, where ``U b`` may
-    be shared with other networks); do it when the fused terms cost at most ``DISTRIBUTE_SLACK``
-    times the sum and ``e`` (the FLOP count misses the sum's memory traffic and the sharing)."""
+    be shared with other networks). The distributed terms when the fused terms cost at most
+    ``DISTRIBUTE_SLACK`` times the sum and ``e`` (the FLOP count misses the sum's memory traffic
+    and the sharing), else None."""
     p = e.src[k]
     if uses.get(p.uid, 0) > 1 or not all(t.op is Op.EINSUM for _, t in terms) or math.prod(e.shape) >= math.prod(p.shape):
-        return False
+        return None
     apart = _network_flops(e) + sum(_network_flops(t) + math.prod(p.shape) for _, t in terms)
-    fused = sum(_network_flops(_inline(r, k)) for _, r in _distribute(e, k))
-    return fused <= DISTRIBUTE_SLACK * apart
+    distributed = _distribute(e, k)
+    fused = sum(_network_flops(_inline(r, k)) for _, r in distributed)
+    return distributed if fused <= DISTRIBUTE_SLACK * apart else None
 
 
 def _merge_squares(e: Node) -> Node:
@@ -131,16 +133,19 @@ def _fuse(e: Node, uses: dict[int, int], merge_squares: bool = True) -> Node:
         if cur.op is not Op.EINSUM:
             done.append((sign, cur))
             continue
+        patterned = _patterned(cur)
         for k, p in enumerate(cur.src):
             if p.op is Op.EINSUM and (uses.get(p.uid, 0) <= 1 or _expanding(p)) and \
-                    not (_patterned(cur) and _patterned(p)):
+                    not (patterned and _patterned(p)):
                 pending.append((sign, _inline(cur, k)))
                 break
             terms = _terms(p)
-            if len(terms) > 1 and len(pending) + len(done) + len(terms) <= MAX_TERMS and \
-                    (all(_expanding(t) for _, t in terms) or _distributing_pays(cur, k, terms, uses)):
-                pending.extend((sign * s, t) for s, t in _distribute(cur, k))
-                break
+            if len(terms) > 1 and len(pending) + len(done) + len(terms) <= MAX_TERMS:
+                distributed = _distribute(cur, k) if all(_expanding(t) for _, t in terms) else \
+                    _distributed_if_cheap(cur, k, terms, uses)
+                if distributed is not None:
+                    pending.extend((sign * s, t) for s, t in distributed)
+                    break
         else:
             done.append((sign, _merge_squares(cur) if cur.op is Op.EINSUM and merge_squares else cur))
     total = None

@@ -139,29 +139,6 @@ def einsum_flops(node: Node) -> int:
     return work if len(node.src) == 1 else 2 * work
 
 
-def _built_flops(result: Node, operands) -> int:
-    """FLOPs of the einsums that build ``result`` from ``operands`` (each distinct node once: chunks
-    as they are, contractions shared by hash-consing counted once)."""
-    stop = {id(x) for x in operands}
-    seen: set[int] = set()
-    flops = 0
-    stack = [result]
-    while stack:
-        n = stack.pop()
-        if id(n) in seen or id(n) in stop:
-            continue
-        seen.add(id(n))
-        if n.op is Op.EINSUM:
-            flops += einsum_flops(n)
-        stack.extend(n.src)
-    return flops
-
-
-def path_flops(eq: Einsum, shapes, path) -> int:
-    """FLOPs of contracting the network ``eq`` over operands of ``shapes`` along ``path``."""
-    return _stats(eq.inputs, eq.output, letter_sizes(eq.inputs, shapes), path)[0]
-
-
 def _nodes_between(result: Node, operands) -> list[Node]:
     stop = {id(x) for x in operands}
     seen, out, stack = set(), [], [result]
@@ -173,6 +150,18 @@ def _nodes_between(result: Node, operands) -> list[Node]:
         out.append(n)
         stack.extend(n.src)
     return out
+
+
+def _built_flops(result: Node, operands) -> int:
+    """FLOPs of the einsums and convolution kernels that build ``result`` from ``operands`` (each
+    distinct node once: chunks as they are, contractions shared by hash-consing counted once)."""
+    return sum(einsum_flops(n) if n.op is Op.EINSUM else conv_flops(n)
+               for n in _nodes_between(result, operands) if n.op in (Op.EINSUM, Op.CONV))
+
+
+def path_flops(eq: Einsum, shapes, path) -> int:
+    """FLOPs of contracting the network ``eq`` over operands of ``shapes`` along ``path``."""
+    return _stats(eq.inputs, eq.output, letter_sizes(eq.inputs, shapes), path)[0]
 
 
 def _stats(inputs, output, sizes, path) -> tuple[int, int]:
@@ -348,16 +337,16 @@ def _outer_last(loose: list[bool]) -> list[tuple[int, int]]:
     return steps
 
 
-def _first_steps(node: Node) -> dict[tuple, int]:
-    """Every possible first pairwise step among a network's connected operands: key -> FLOPs."""
+def _first_steps(node: Node) -> list[Node]:
+    """Every possible first pairwise step among a network's connected operands (their keys)."""
     eq: Einsum = node.arg
     sizes = letter_sizes(eq.inputs, (x.shape for x in node.src))
     core = [k for k, d in enumerate(_detached(eq)) if not d]
-    out = {}
+    out = []
     for a, i in enumerate(core):
         for j in core[a + 1:]:
             (_, _, sa, sb, res), = network_steps(eq.inputs, eq.output, sizes, [(i, j)])[:1]
-            out[_step_key(eq, node.src[i], sa, node.src[j], sb, res)] = pair_flops(sa, sb, res, sizes)
+            out.append(_step_key(eq, node.src[i], sa, node.src[j], sb, res))
     return out
 
 
@@ -398,8 +387,7 @@ def _reuse_path(node: Node, counts: dict, built: set) -> list[tuple[int, int]] |
     eq: Einsum = node.arg
     if not 3 <= _detached(eq).count(False) <= REUSE_MAX_OPERANDS:
         return None
-    firsts = _first_steps(node)
-    if not any(counts.get(k, 0) > 1 or k in built for k in firsts):
+    if not any(counts.get(k, 0) > 1 or k in built for k in _first_steps(node)):
         return None
 
     def cost(sa, sb, res, oi, oj, sizes):
@@ -445,7 +433,9 @@ def contract_pairwise(program: Program, strategy: str = "auto", cap_bytes: float
 
     With ``auto``, small networks that can share a first pairwise step with other networks (the
     same two operands contracted the same way) search their path with that step's cost divided
-    among them: ``U a`` is contracted once for every ``<d, U a>``.
+    among them: ``U a`` is contracted once for every ``<d, U a>``. Convolution networks become
+    kernel calls (``passes/conv.py``) unless the schedule is 'naive' or sliced; networks holding
+    an index pattern search their path with gathers costed as the elements they move.
 
     Args:
         program: any program.
@@ -460,29 +450,42 @@ def contract_pairwise(program: Program, strategy: str = "auto", cap_bytes: float
     Raises:
         ValueError: an unknown strategy (the message lists the registered ones).
     """
-    counts: dict[tuple, int] = {}
+    counts: dict[Node, int] = {}
     if strategy == "auto":
         for node in program.nodes:
             if node.op is Op.EINSUM and 3 <= _detached(node.arg).count(False) <= REUSE_MAX_OPERANDS:
-                for key in _first_steps(node):
+                for key in dict.fromkeys(_first_steps(node)):  # once per network
                     counts[key] = counts.get(key, 0) + 1
     built: set = set()
     new: dict[int, Node] = {}
     records = []
     for node in program.nodes:
         src = tuple(new[s.uid] for s in node.src)
-        path = None
-        if node.op is Op.EINSUM and len(node.src) >= 2 and strategy != "naive":
-            path = _selection_path(node)
-            if path is None and counts:
-                path = _reuse_path(node, counts, built)
         n2 = node if src == node.src else node.replace(src=src)
         if n2.op is Op.EINSUM and len(n2.src) >= 2:
-            n2, record = _schedule_network(n2, strategy, cap_bytes, itemsize, path)
+            scheduled = _as_convolution(n2, itemsize) if strategy != "naive" and cap_bytes is None else None
+            if scheduled is None:
+                path = None
+                if strategy != "naive":
+                    path = _selection_path(node)
+                    if path is None and counts:
+                        path = _reuse_path(node, counts, built)
+                scheduled = _schedule_network(n2, strategy, cap_bytes, itemsize, path)
+            n2, record = scheduled
             records.append((n2, record))
         new[node.uid] = n2
     out = Program.of({k: new[v.uid] for k, v in program.outputs.items()})
     return out.with_networks(records)
+
+
+def _as_convolution(node: Node, itemsize: int) -> tuple[Node, NetworkSchedule] | None:
+    """A convolution network as a kernel call (passes/conv.py) with its record, or None."""
+    conv = conv_network(node)
+    if conv is None:
+        return None
+    eq: Einsum = node.arg
+    return conv, NetworkSchedule(str(eq), _letter_legend(eq, node.src), (), _built_flops(conv, node.src), 0,
+                                 itemsize, (), 1, len(node.src))
 
 
 def _schedule_network(node: Node, strategy: str, cap_bytes: float | None, itemsize: int, path=None
@@ -491,12 +494,6 @@ def _schedule_network(node: Node, strategy: str, cap_bytes: float | None, itemsi
     build it, and their record."""
     eq: Einsum = node.arg
     shapes = tuple(x.shape for x in node.src)
-    if strategy != "naive" and cap_bytes is None:
-        conv = conv_network(node)
-        if conv is not None:  # a convolution kernel call (passes/conv.py)
-            flops = sum(conv_flops(n) for n in _nodes_between(conv, node.src) if n.op is Op.CONV)
-            return conv, NetworkSchedule(str(eq), _letter_legend(eq, node.src), (), flops, 0, itemsize, (), 1,
-                                         len(node.src))
     path = _path(eq, shapes, strategy) if path is None else path
     parts = _choose_slices(eq, shapes, path, itemsize, cap_bytes) if cap_bytes is not None else {}
     sizes = letter_sizes(eq.inputs, shapes)

@@ -18,9 +18,7 @@ BACKPACK_KFLR = [c for c in SEQUENTIAL if "elu" not in c.id]  # BackPACK's KFLR 
 WITH_LINEAR = [c for c in CASES if not c.id.startswith("einsum_net")]
 
 
-@pytest.mark.parametrize("case", BACKPACK_KFLR, ids=lambda c: c.id)
-def test_kflr_matches_backpack(case):
-    model, lf, x, y = case.data()
+def _assert_kflr_matches_backpack(model, lf, x, y) -> None:
     out = hogc.compile(model, "kflr", loss=lf)(x, y)
     model, lf = extend(model), extend(lf)
     with bp_ctx(ext.KFLR()):
@@ -29,6 +27,11 @@ def test_kflr_matches_backpack(case):
         assert len(out[name]) == len(p.kflr)
         for got, want in zip(out[name], p.kflr):
             close(got, want)
+
+
+@pytest.mark.parametrize("case", BACKPACK_KFLR, ids=lambda c: c.id)
+def test_kflr_matches_backpack(case):
+    _assert_kflr_matches_backpack(*case.data())
 
 
 @pytest.mark.parametrize("case", WITH_LINEAR, ids=lambda c: c.id)
@@ -192,12 +195,4 @@ def test_conv_kflr_matches_backpack(name):
     torch.manual_seed(0)
     model = make().double()
     x, y = torch.randn(shape, dtype=torch.float64), torch.randint(0, 4, (shape[0],))
-    lf = nn.CrossEntropyLoss()
-    out = hogc.compile(model, "kflr", loss=lf)(x, y)
-    model, lf = extend(model), extend(lf)
-    with bp_ctx(ext.KFLR()):
-        lf(model(x), y).backward()
-    for pname, p in model.named_parameters():
-        assert len(out[pname]) == len(p.kflr)
-        for got, want in zip(out[pname], p.kflr):
-            close(got, want)
+    _assert_kflr_matches_backpack(model, nn.CrossEntropyLoss(), x, y)

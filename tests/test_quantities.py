@@ -25,6 +25,15 @@ def close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-10) -> None:
     assert err <= rel * scale, f"max abs error {err:.3e} > {rel:.0e} * {scale:.3e}"
 
 
+def assert_matches(got: dict, ref: Reference, quantities, name=lambda k: k) -> None:
+    """Each per-parameter quantity in ``got`` equals the reference's (``name`` maps the reference's
+    parameter names to hogc's)."""
+    for q in quantities:
+        want = getattr(ref, q)()
+        for k in want:
+            close(got[q][name(k)], want[k])
+
+
 @pytest.fixture(scope="module", params=CASES, ids=lambda c: c.id)
 def compiled(request):
     case = request.param

@@ -67,10 +67,14 @@ def num_columns(spec: LossSpec, out_shape: tuple[int, ...]) -> int:
 
 def check_class_range(y: torch.Tensor, num_classes: int, ignore_index: int = -100) -> None:
     """Class indices must lie in [0, C) (or equal ``ignore_index``): checked on every call."""
-    y = y[y != ignore_index]
     if not y.numel():
         return
     lo, hi = (int(v) for v in torch.aminmax(y))  # one reduction, one device sync
+    if (lo < 0 or hi >= num_classes) and ignore_index in (lo, hi):  # ignored targets: look again without them
+        y = y[y != ignore_index]
+        if not y.numel():
+            return
+        lo, hi = (int(v) for v in torch.aminmax(y))
     if lo < 0 or hi >= num_classes:
         raise TargetShapeError(f"CrossEntropyLoss class indices must lie in [0, {num_classes}); got values in "
                                f"[{lo}, {hi}]")

@@ -48,8 +48,7 @@ def _pattern(size: int, k: int, out: int, stride: int, pad: int, dil: int, dtype
 
 def _conv(x: Node, w: Node, b, stride, padding, dilation, groups: int, dtype, transposed=False, output_padding=0):
     d = w.ndim - 2
-    unbatched = x.ndim == d + 1
-    if unbatched:
+    if x.ndim == d + 1:
         raise UnsupportedOpError("convolution of an unbatched input (hogc needs the sample axis first)")
     stride, dilation = _tuple(stride, d), _tuple(dilation, d)
     output_padding = _tuple(output_padding, d)
@@ -84,7 +83,7 @@ def _conv(x: Node, w: Node, b, stride, padding, dilation, groups: int, dtype, tr
         Cout = w.shape[1] * G
         xs, ws = B.reshape(x, (N, G, C // G) + S), B.reshape(w, (G, C // G, Cout // G) + K)
     xl, wl = [n, g, ci], [g, co, ci] if not transposed else [g, ci, co]
-    outl, ops, subs, outs = [n, g, co], [], [], []
+    outl, pats, outs = [n, g, co], [], []
     if G == 1:  # no group axis: the parameter itself is the operand (per-sample gradients stay einsums)
         xs, ws = x, w
         xl, wl, outl = [n, ci], ([co, ci] if not transposed else [ci, co]), [n, co]
@@ -94,24 +93,20 @@ def _conv(x: Node, w: Node, b, stride, padding, dilation, groups: int, dtype, tr
         if not transposed:
             out = (s + 2 * p - dl * (k - 1) - 1) // st + 1
             if k == 1 and st == 1 and p == 0:  # dense: the identity
-                xl.append(h), wl.append(t), outl.append(h)
+                xl.append(h), wl.append(t), outl.append(h)  # the weight's 1-tap letter is summed alone
                 outs.append(s)
-                ops.append((None, h + t))  # the kernel's size-1 tap is summed out with the weight
                 continue
             P = _pattern(s, k, out, st, p, dl, dtype)
             xl.append(h), wl.append(t), outl.append(o)
-            subs.append(h + t + o)
-            ops.append((_const(P, "conv", (st, p, dl)), h + t + o))
+            pats.append((_const(P, "conv", (st, p, dl)), h + t + o))
         else:
             out = (s - 1) * st - 2 * p + dl * (k - 1) + output_padding[ax] + 1
             P = _pattern(out, k, s, st, p, dl, dtype)  # output position h, tap t, input position o
             xl.append(o), wl.append(t), outl.append(h)
-            ops.append((_const(P, "conv", (st, p, dl)), h + t + o))
+            pats.append((_const(P, "conv", (st, p, dl)), h + t + o))
         outs.append(out)
-    operands, terms = [xs, ws], ["".join(xl), "".join(wl)]
-    for c, sub in ops:
-        if c is not None:
-            operands.append(c), terms.append(sub)
+    operands = [xs, ws] + [c for c, _ in pats]
+    terms = ["".join(xl), "".join(wl)] + [sub for _, sub in pats]
     y = B.einsum(terms, "".join(outl), operands)
     y = B.reshape(y, (N, Cout) + tuple(outs))
     if b is not None:
@@ -142,9 +137,9 @@ def _spatial(x: Node, d: int) -> tuple[int, ...]:
     return x.shape[-d:]
 
 
-def _pool_with(x: Node, mats: list[torch.Tensor], extra: list[tuple[Node, str]] = (), taps: bool = False,
-               meta: list[tuple] | None = None) -> Node:
-    """Contract each trailing spatial axis of x with its matrix A[h, o] (or pattern P[h, t, o])."""
+def _pool_with(x: Node, mats: list[torch.Tensor], mask: Node | None = None, meta: list[tuple] | None = None) -> Node:
+    """Contract each trailing spatial axis of x with its matrix A[h, o]; with ``mask`` (…, *o, *t),
+    the matrices are patterns P[h, t, o] and the windows' taps are weighted by the mask."""
     d = len(mats)
     L = iter("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
     lead = "".join(next(L) for _ in range(x.ndim - d))
@@ -153,15 +148,16 @@ def _pool_with(x: Node, mats: list[torch.Tensor], extra: list[tuple[Node, str]] 
         h, o = next(L), next(L)
         xs += h
         outs += o
-        if taps:
+        if mask is not None:
             t = next(L)
             tl += t
             terms.append(h + t + o)
         else:
             terms.append(h + o)
         ops.append(_const(A, "pool", meta[len(ops)] if meta else None))
-    extra_terms = [lead + outs[len(lead):] + tl] if extra else []
-    return B.einsum([xs] + terms + extra_terms, outs, [x] + ops + [e for e, _ in extra])
+    if mask is None:
+        return B.einsum([xs] + terms, outs, [x] + ops)
+    return B.einsum([xs] + terms + [outs + tl], outs, [x] + ops + [mask])
 
 
 def _avg_matrix(size, k, stride, pad, ceil, include_pad, dtype) -> torch.Tensor:
@@ -213,7 +209,7 @@ def _max_pool(x, kernel, stride=None, padding=0, dilation=1, ceil_mode=False, *,
     mask = B.nondiff("window_argmax", params, x)  # (..., *out, *kernel), one-hot per window
     pats = [_pattern(s, k, pool_output_size(s, k, st, p, dl, ceil_mode), st, p, dl, out_dtype)
             for s, k, st, p, dl in zip(S, kernel, stride, padding, dilation)]
-    return _pool_with(x, pats, [(mask, "")], taps=True, meta=list(zip(stride, padding, dilation)))
+    return _pool_with(x, pats, mask, meta=list(zip(stride, padding, dilation)))
 
 
 def _per_dim(fn, d: int):

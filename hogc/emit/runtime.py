@@ -19,10 +19,9 @@ __all__ = ["top_eigenvalues", "loss_value", "loss_grad", "loss_sqrt_hessian", "l
            "slice_dim", "pad_dim", "index_dim", "index_add_dim"]
 
 
-def _scale(kind: str, reduction: str, f: torch.Tensor) -> float:
-    if reduction == "sum":
-        return 1.0
-    return 1.0 / (f.shape[0] if kind == "cross_entropy" else f.numel())
+def _scale(reduction: str, f: torch.Tensor) -> float:
+    """MSE and BCE: 'mean' divides by every output element (cross-entropy: ``_ce_weights``)."""
+    return 1.0 if reduction == "sum" else 1.0 / f.numel()
 
 
 def _rows(f: torch.Tensor) -> torch.Tensor:
@@ -82,7 +81,7 @@ def loss_grad(f: torch.Tensor, y: torch.Tensor, kind: str, reduction: str, ignor
         w = _ce_weights(f, y, reduction, ignore_index)
         g = (torch.softmax(rows, dim=1) - _ce_target(y, f.shape[1], f.dtype, ignore_index, smoothing)) * w[:, None]
         return _unrows(g, f.shape, 0, 1)
-    r = _scale(kind, reduction, f)
+    r = _scale(reduction, f)
     if kind == "mse":
         return (f - y).mul_(2.0 * r)
     return (torch.sigmoid(f) - y).mul_(r)
@@ -100,7 +99,7 @@ def loss_sqrt_hessian(f: torch.Tensor, y: torch.Tensor, kind: str, reduction: st
         S.diagonal(dim1=0, dim2=2).add_(sp)
         S.mul_(_ce_weights(f, y, reduction, ignore_index).sqrt()[None, :, None])
         return S if f.ndim == 2 else _per_position(S, f.shape, 0)
-    r = math.sqrt(_scale(kind, reduction, f))
+    r = math.sqrt(_scale(reduction, f))
     flat = f.reshape(N, -1)
     C = flat.shape[1]
     if kind == "mse":
@@ -129,7 +128,7 @@ def loss_sqrt_hessian_jvp(f: torch.Tensor, y: torch.Tensor, t: torch.Tensor, kin
         out.diagonal(dim1=1, dim2=3).add_(dsp)
         out.mul_(_ce_weights(f, y, reduction, ignore_index).sqrt()[None, None, :, None])
         return out if f.ndim == 2 else _per_position(out, f.shape, 1)
-    r = math.sqrt(_scale(kind, reduction, f))
+    r = math.sqrt(_scale(reduction, f))
     flat_t = t.reshape(S_, N, -1)
     C = flat_t.shape[2]
     if kind == "mse":
@@ -151,7 +150,7 @@ def loss_sqrt_hessian_mc(f: torch.Tensor, y: torch.Tensor, generator: torch.Gene
         onehot = F.one_hot(draws.T, f.shape[1]).to(f.dtype)  # (M, R, C)
         w = (_ce_weights(f, y, reduction, ignore_index) / mc_samples).sqrt()
         return _unrows((p.unsqueeze(0) - onehot) * w[None, :, None], f.shape, 1, 2)
-    r = math.sqrt(_scale(kind, reduction, f) / mc_samples)
+    r = math.sqrt(_scale(reduction, f) / mc_samples)
     shape = (mc_samples,) + tuple(f.shape)
     if kind == "mse":
         eps = torch.randn(shape, generator=generator, dtype=f.dtype, device=f.device)

@@ -47,7 +47,7 @@ def _window_shape(params, shape):
     return tuple(shape[:-d]) + outs + tuple(kernel)
 
 
-def _window_argmax(x: torch.Tensor, kernel, stride, pad, dil, ceil) -> torch.Tensor:
+def window_argmax(x: torch.Tensor, kernel, stride, pad, dil, ceil) -> torch.Tensor:
     """One-hot (…, *out, *kernel) of the tap each pooling window takes its maximum from: torch's own
     max pooling picks it (so ties break as torch's do), then its flat input index becomes a tap."""
     d = len(kernel)
@@ -76,10 +76,6 @@ def amax(x: torch.Tensor, dims) -> torch.Tensor:
 
 def one_hot(x: torch.Tensor, num_classes: int, dtype: str) -> torch.Tensor:
     return torch.nn.functional.one_hot(x.long(), num_classes).to(getattr(torch, dtype))
-
-
-def window_argmax(x: torch.Tensor, kernel, stride, pad, dil, ceil) -> torch.Tensor:
-    return _window_argmax(x, kernel, stride, pad, dil, ceil)
 
 
 def dropout_mask(x: torch.Tensor, generator: torch.Generator, p: float) -> torch.Tensor:

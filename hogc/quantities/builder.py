@@ -17,6 +17,7 @@ from functools import cached_property
 import torch
 
 from hogc.passes.backpropagate import backpropagate
+from hogc.passes.conv import pattern_of
 from hogc.passes.vjp_rules import cot_indices
 
 from ..capture.losses import num_columns
@@ -140,8 +141,6 @@ class DerivativeBuilder:
         ("conv_weight", z, unfold) or ("conv_bias", z, None), where z (N, C_out, *positions) is the
         convolution's output before the bias and unfold the einsum (N, C_in, *taps, *positions) of
         its input with the index patterns (hogc/capture/nn_ops.py)."""
-        from ..ir.node import Constant
-
         order, uses, names = self._forward_uses
 
         def param(n: Node) -> Node | None:
@@ -157,8 +156,7 @@ class DerivativeBuilder:
                 sizes = {c: n for s, x in zip(eq.inputs, z.src) for c, n in zip(s, x.shape)}
                 if any(sizes[c] != 1 for c in eq.metric):  # a weight's 1-tap axes are summed alone
                     continue
-                pats = [k for k, s in enumerate(z.src) if s.op is Op.CONST and isinstance(s.arg, Constant)
-                        and s.arg.pattern is not None]
+                pats = [k for k, s in enumerate(z.src) if pattern_of(s) is not None]
                 rest = [k for k in range(len(z.src)) if k not in pats]
                 if len(rest) != 2:
                     continue
@@ -180,12 +178,9 @@ class DerivativeBuilder:
                 pos = "".join(eq.inputs[by_h[h]][2] if h in by_h else h for h in sx[2:])
                 unfold = B.einsum([sx] + [eq.inputs[k] for k in pats], sx[:2] + taps + pos,
                                   [x] + [z.src[k] for k in pats]) if pats else x
-                d = x.ndim - 2
                 shape = unfold.shape[:2] + tuple(z.src[by_h[h]].shape[1] if h in by_h else 1 for h in sx[2:]) + \
                     unfold.shape[2 + len(taps):]
                 unfold = B.reshape(unfold, shape)
-                if not pats and (len(eq.inputs[iw]) != w.ndim or d < 1):
-                    continue
                 sites[names[w.uid]] = ("conv_weight", z, unfold)
                 convs.add(z.uid)
             elif z.op is Op.ADD and z.src[0].uid in convs:

@@ -23,14 +23,15 @@ import itertools
 
 import torch
 
-from ..errors import HogcError
-from ..ir import Index, Node, Op, Variance, build as B, topological_order
 from hogc.passes.paths import einsum_flops
-from .builder import DerivativeBuilder
 from hogc.passes.push_forward import push_forward
 
+from ..errors import HogcError
+from ..ir import Index, Node, Op, Variance, build as B, topological_order
+from .builder import DerivativeBuilder
 from .hessian import TANGENT, _sum_samples_first, _tangent_grads
 from .registry import register_quantity
+
 
 def _subsets(b: DerivativeBuilder) -> list[list[str]]:
     if not b.partition:
@@ -53,6 +54,15 @@ def _direction(b: DerivativeBuilder) -> dict[str, Node]:
     return out
 
 
+def _subset_of(b: DerivativeBuilder) -> dict[str, int]:
+    """The subset each covered parameter belongs to."""
+    return {k: t for t, sub in enumerate(_subsets(b)) for k in sub}
+
+
+def _accumulate(total: Node | None, term: Node) -> Node:
+    return term if total is None else B.add(total, term)
+
+
 def _onehot(b: DerivativeBuilder, j: int, index: Index) -> Node:
     e = torch.zeros(index.size, dtype=b.dtype)
     e[j] = 1.0
@@ -73,8 +83,7 @@ def _partition_grad(b):
         for k in subset:
             g = _sum_samples_first(b.per_sample_grads[k])
             L = B.letters(g.ndim + 1)
-            t = B.einsum([L[0], L[1:], L[1:]], L[0], [_onehot(b, j, s), u[k], g])
-            total = t if total is None else B.add(total, t)
+            total = _accumulate(total, B.einsum([L[0], L[1:], L[1:]], L[0], [_onehot(b, j, s), u[k], g]))
     return total
 
 
@@ -93,11 +102,11 @@ def _forward_flops_per_op(b: DerivativeBuilder) -> float:
 
 def _dense(b: DerivativeBuilder, quantity: str) -> bool:
     mode = b.partition_strategy
-    if mode == "auto":
+    if mode == "auto" and b.device_type == "cuda":
+        mode, why = "dense", "on CUDA: few large kernels"
+    elif mode == "auto":
         per_op = _forward_flops_per_op(b)
-        if b.device_type == "cuda":
-            mode, why = "dense", "on CUDA: few large kernels"
-        elif per_op < UNROLL_MIN_FLOPS_PER_OP:
+        if per_op < UNROLL_MIN_FLOPS_PER_OP:
             mode, why = "dense", f"small layers ({per_op:.0f} forward FLOPs per op): dispatch dominates"
         else:
             mode, why = "unrolled", f"on {b.device_type} with large layers: the fewest FLOPs"
@@ -222,12 +231,8 @@ def _symmetrized(b: DerivativeBuilder, T: Node | None, rank: list[int], out: tup
     total = None
     for perm, mask in masks.items():
         term = B.einsum(["".join(L[a] for a in perm), L], L, [T, B.const_tensor(mask, out)], out_indices=out)
-        total = term if total is None else B.add(total, term)
+        total = _accumulate(total, term)
     return total
-
-
-def _accumulate(total: Node | None, term: Node) -> Node:
-    return term if total is None else B.add(total, term)
 
 
 @register_quantity("partition_hessian", per_param=False)
@@ -236,20 +241,18 @@ def _partition_hessian(b):
     pass per subset s, restricted to the subsets t ranked at or after s (or dense)."""
     if _dense(b, "partition_hessian"):
         return _dense_hessian(b)
-    u, rank = _direction(b), _depth_ranks(b)
+    u, rank, where = _direction(b), _depth_ranks(b), _subset_of(b)
     out = (_subset_index(b, "s"), _subset_index(b, "t"))
-    where = {k: t for t, sub in enumerate(_subsets(b)) for k in sub}
     entries = [((j, where[k]), _dot(x, u[k])) for j, hv in enumerate(_hvps(b, u, rank))
                for k, x in hv.items() if x is not None]
     return _symmetrized(b, _scatter(b, entries, out), rank, out)
 
 
-def _third(b: DerivativeBuilder, diagonal: bool) -> tuple[list, list[int], dict[str, int], dict[str, Node]]:
+def _third(b: DerivativeBuilder, u: dict[str, Node], rank: list[int], diagonal: bool) -> list:
     """D[u_s, u_t, u_v] at rank-sorted (s, t, v) only, pushing H u_s forward along u_t (the direction
-    held constant) for the parameters of subsets v ranked at or after t; ``diagonal``: s = t = v."""
-    u, rank = _direction(b), _depth_ranks(b)
-    subsets = _subsets(b)
-    where = {k: t for t, sub in enumerate(subsets) for k in sub}
+    held constant) for the parameters of subsets v ranked at or after t; ``diagonal``: s = t = v.
+    Entries (s, t, parameter, its (1, 1, *param) tangent)."""
+    subsets, where = _subsets(b), _subset_of(b)
     hvps = _hvps(b, u, rank)
     frozen = {x.uid: None for x in u.values()}
     for j in range(len(subsets)):
@@ -260,7 +263,7 @@ def _third(b: DerivativeBuilder, diagonal: bool) -> tuple[list, list[int], dict[
             keep = {k: x for k, x in hv.items() if x is not None and (where[k] == t if diagonal else rank[where[k]] >= rank[t])}
             d2 = push_forward(keep, {**frozen, **_along(b, u, t, "v")})
             entries += [(j, t, k, x) for k, x in d2.items() if x is not None]
-    return entries, rank, where, u
+    return entries
 
 
 @register_quantity("partition_d3", per_param=False)
@@ -270,7 +273,8 @@ def _partition_d3(b):
     (or dense)."""
     if _dense(b, "partition_d3"):
         return _dense_d3(b)
-    entries, rank, where, u = _third(b, diagonal=False)
+    u, rank, where = _direction(b), _depth_ranks(b), _subset_of(b)
+    entries = _third(b, u, rank, diagonal=False)
     out = tuple(_subset_index(b, n) for n in "stv")
     T = _scatter(b, [((j, t, where[k]), _dot(x, u[k])) for j, t, k, x in entries], out)
     return _symmetrized(b, T, rank, out)
@@ -286,7 +290,8 @@ def _partition_d3_diag(b):
         out = (_subset_index(b, "s"),)
         return B.einsum(["abc", "abc"], "a", [_dense_d3(b), B.const_tensor(delta, tuple(
             _subset_index(b, n) for n in "stv"))], out_indices=out)
-    entries, _, _, u = _third(b, diagonal=True)
+    u = _direction(b)
+    entries = _third(b, u, _depth_ranks(b), diagonal=True)
     out = (_subset_index(b, "s"),)
     total = _scatter(b, [((j,), _dot(x, u[k])) for j, _, k, x in entries], out)
     if total is None:

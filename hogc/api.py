@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from hogc.passes.infer_indices import infer_indices
+from hogc.passes.infer_indices import infer_indices, one_sample
 from hogc.passes.pipeline import optimization_pipeline, run_pipeline
 
 from .capture import capture
@@ -34,6 +34,7 @@ class _Specialization:
     num_classes: int | None  # cross-entropy: targets are checked against it on every call
     notes: dict[str, str]  # the strategy each quantity chose and why
     itemsize: int = 4  # bytes per element of the program's floating dtype
+    coupled: bool = False  # the model couples its samples: the batch is one sample, y gets a leading 1
 
 
 class CompiledFunction:
@@ -75,15 +76,19 @@ class CompiledFunction:
         forward = capture(self.model, x)
         check_target(self.spec, forward.outputs["output"].shape, y)
         per_sample = any(q != "loss" for q in self.quantities)  # every derivative follows samples
-        forward = run_pipeline(forward, [functools.partial(infer_indices, per_sample=per_sample)], self.verify,
-                               verify_input=False)
+        notes: dict[str, str] = {}
+        try:
+            forward = run_pipeline(captured := forward, [functools.partial(infer_indices, per_sample=per_sample)],
+                                   self.verify, verify_input=False)
+            coupled = False
+        except SampleMixingError as e:
+            forward, coupled = self._coupled(captured, e, notes), True
         out = forward.outputs["output"]
         if out.sample_axis() != 0:
             where = "is missing" if out.sample_axis() is None else f"is at position {out.sample_axis()}"
             raise SampleMixingError(f"the model output (shape {out.shape}) must keep the samples of x on its first "
                                     f"axis; the sample axis {where}")
         shapes = {k: tuple(p.shape) for k, p in self.model.named_parameters() if p.requires_grad}
-        notes: dict[str, str] = {}
         dtype = x.dtype if x.is_floating_point() else next(p.dtype for _, p in self.model.named_parameters())
         itemsize = torch.empty((), dtype=dtype).element_size()
         unopt = derive(forward, self.quantities, self.spec, dtype, shapes, self.mc_samples, self.top_k, notes,
@@ -101,8 +106,23 @@ class CompiledFunction:
         _check_fits(program, x, self.optimize, self.memory_budget, itemsize)
         gm = emit(program, inputs).to(x.device)  # captured constants follow the inputs
         classes = out.shape[1] if self.spec.kind == "cross_entropy" else None
-        return _Specialization(program, unopt, gm, inputs, classes,
-                               {k: v for k, v in notes.items() if k in self.quantities}, itemsize)
+        notes = {k: v for k, v in notes.items() if k in self.quantities or k == "samples"}
+        return _Specialization(program, unopt, gm, inputs, classes, notes, itemsize, coupled)
+
+    def _coupled(self, captured: Program, err: SampleMixingError, notes: dict[str, str]) -> Program:
+        """A model that couples its samples (train-mode BatchNorm, a mean over the batch): batch
+        quantities stay exact with the whole batch as one sample; per-sample ones are undefined."""
+        per_sample = [q for q in self.quantities if get_quantity(q).per_sample]
+        if per_sample:
+            raise SampleMixingError(f"{err}. Per-sample quantities ({', '.join(per_sample)}) are undefined for such "
+                                    f"a model; batch quantities (grad, ggn_diag, hessian_diag, ggn, hvp, ...) "
+                                    f"work: the whole batch is then treated as one sample") from None
+        notes["samples"] = (f"{err}: the batch is one sample (its samples are positions of the loss), so "
+                            f"every batch quantity is exact")
+        ce = self.spec.kind == "cross_entropy"
+        return run_pipeline(captured, [functools.partial(infer_indices, per_sample=False, coupled=True),
+                                       functools.partial(one_sample, cross_entropy=ce)],
+                            self.verify, verify_input=False)
 
     def specialize(self, x: torch.Tensor, y: torch.Tensor, named=None) -> _Specialization:
         """Compile (or fetch from the cache) the program for these input shapes and dtypes."""
@@ -140,7 +160,7 @@ class CompiledFunction:
         values = {("param" if p.requires_grad else "buffer", k): p for k, p in named}
         values.update({("buffer", k): b for k, b in self.model.named_buffers()})
         values[("data", "x")] = x
-        values[("target", "y")] = y
+        values[("target", "y")] = y.unsqueeze(0) if spec.coupled else y
         if self.takes_vector:
             values.update(self._vector(v, named))
         elif v is not None:

@@ -39,15 +39,34 @@ class GroupNormCNN(nn.Sequential):
             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(width, classes))
 
 
+class _BatchNorm2d(nn.BatchNorm2d):
+    """nn.BatchNorm2d that can spell its maths out (``fused = False``) for reference computations:
+    in train mode, torch 2.13's double backward of ``batch_norm`` gives an asymmetric Hessian
+    (off by 0.11 of 0.45 on a small ResNet where finite differences agree with hogc to 4e-11).
+    The spelled-out form does not update the running statistics."""
+
+    fused = True
+
+    def forward(self, x):
+        if self.fused:
+            return super().forward(x)
+        if self.training:
+            mu = x.mean((0, 2, 3), keepdim=True)
+            var = ((x - mu) ** 2).mean((0, 2, 3), keepdim=True)
+        else:
+            mu, var = self.running_mean.view(1, -1, 1, 1), self.running_var.view(1, -1, 1, 1)
+        return (x - mu) / torch.sqrt(var + self.eps) * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+
+
 class _Block(nn.Module):
     def __init__(self, c_in: int, c_out: int, stride: int):
         super().__init__()
         self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
+        self.bn1 = _BatchNorm2d(c_out)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
+        self.bn2 = _BatchNorm2d(c_out)
         self.skip = None if stride == 1 and c_in == c_out else nn.Sequential(
-            nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+            nn.Conv2d(c_in, c_out, 1, stride, bias=False), _BatchNorm2d(c_out))
 
     def forward(self, x):
         h = F.relu(self.bn1(self.conv1(x)))
@@ -57,18 +76,25 @@ class _Block(nn.Module):
 
 class ResNet(nn.Module):
     """A ResNet-style network: stem conv + BatchNorm, residual blocks (one strided with a 1x1
-    projection), global average pooling, linear head."""
+    projection), global average pooling, linear head. In train mode its BatchNorms couple the
+    samples: batch quantities only (the batch is then one sample)."""
 
     def __init__(self, in_channels: int = 3, widths=(16, 32), classes: int = 10):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(in_channels, widths[0], 3, padding=1, bias=False),
-                                  nn.BatchNorm2d(widths[0]), nn.ReLU())
+                                  _BatchNorm2d(widths[0]), nn.ReLU())
         blocks, c = [], widths[0]
         for k, w in enumerate(widths):
             blocks += [_Block(c, w, 1 if k == 0 else 2)]
             c = w
         self.blocks = nn.Sequential(*blocks)
         self.head = nn.Linear(c, classes)
+
+    def set_fused(self, fused: bool) -> None:
+        """torch's batch_norm kernel (True), or the same maths spelled out (False) for references."""
+        for m in self.modules():
+            if isinstance(m, _BatchNorm2d):
+                m.fused = fused
 
     def forward(self, x):
         h = self.blocks(self.stem(x))

@@ -14,7 +14,7 @@ from hogc.ir import SAMPLE, UNIT, Einsum, Index, Node, Op, Program, Variance, bu
 from hogc.ir.nondiff import NONDIFF_FUNCTIONS
 from hogc.ir.printer import format_node
 
-__all__ = ["infer_indices"]
+__all__ = ["infer_indices", "one_sample"]
 
 _UP, _BATCH = ("anchor", "up"), ("anchor", "batch")
 
@@ -82,13 +82,15 @@ def _unit_pairs(src: tuple[int, ...], dst: tuple[int, ...]) -> list[tuple[int, i
     return [pair for p in a.keys() & b.keys() for pair in zip(a[p], b[p])]
 
 
-def infer_indices(program: Program, per_sample: bool = True) -> Program:
+def infer_indices(program: Program, per_sample: bool = True, coupled: bool = False) -> Program:
     """Rebuild the forward program with resolved spaces and variances.
 
     Args:
         program: the captured forward program (provisional indices).
         per_sample: derivative programs will follow samples (every derivative quantity does);
             then an op that couples samples raises :class:`SampleMixingError`.
+        coupled: the model couples its samples (train-mode BatchNorm): the data's sample axis is
+            an ordinary vector axis, and :func:`one_sample` then makes the batch one sample.
     """
     var, space = _ParityUF(), _UF()
 
@@ -102,8 +104,9 @@ def infer_indices(program: Program, per_sample: bool = True) -> Program:
         out = [(u, k) for k in range(node.ndim)]
         if node.op is Op.INPUT and node.arg[0] == "data":
             for k, ix in enumerate(node.indices):
-                var.union(_BATCH if ix.space == SAMPLE else _UP, (u, k), 0)
-                if ix.space == SAMPLE:
+                sample = ix.space == SAMPLE and not coupled
+                var.union(_BATCH if sample else _UP, (u, k), 0)
+                if sample:
                     space.union(("space", SAMPLE), (u, k))
         elif node.op is Op.ELEMENTWISE:
             for s in node.src:
@@ -213,7 +216,7 @@ def infer_indices(program: Program, per_sample: bool = True) -> Program:
         elif node.op in (Op.ADD, Op.SUB):
             src = tuple(_match_variance(s, tuple(idx)) for s in src)
         rebuilt = Node(node.op, src, arg, tuple(idx), node.where)
-        if per_sample:
+        if per_sample and not coupled:
             _check_samples(node, rebuilt)
         new[node.uid] = rebuilt
     return Program.of({k: new[v.uid] for k, v in program.outputs.items()})
@@ -256,9 +259,7 @@ def _check_samples(old: Node, node: Node) -> None:
     """Per-sample quantities need every op to act on samples independently."""
     def fail(what: str):
         raise SampleMixingError(
-            f"{what} in {old.where or 'the model'} ({format_node(node, {})}): this couples the samples of "
-            f"a batch. hogc's derivative programs follow samples (reverse mode vmapped over them), so such a "
-            f"model is not supported yet, not even for batch quantities like grad; 'loss' alone works")
+            f"{what} in {old.where or 'the model'} ({format_node(node, {})}) couples the samples of a batch")
 
     in_s = [s.has_sample for s in node.src]
     if node.op is Op.EINSUM:
@@ -277,3 +278,17 @@ def _check_samples(old: Node, node: Node) -> None:
             fail("concatenating per-sample and shared tensors")
     elif node.op is Op.RESHAPE and node.src[0].has_sample and not node.has_sample:
         fail("a reshape that merges the sample axis with others")
+
+
+def one_sample(program: Program, cross_entropy: bool) -> Program:
+    """The whole batch as one sample, for a model that couples its samples (train-mode BatchNorm):
+    the output ``(N, C, *d)`` becomes ``(1, C, N, *d)`` for cross-entropy (the batch is one more
+    position of a per-position loss) and ``(1, N, ...)`` otherwise. Mean and sum over the positions
+    are the loss over the batch, so every batch quantity is exact; the program's inferred
+    ``program`` must come from ``infer_indices(..., coupled=True)``."""
+    out = program.outputs["output"]
+    sample = Index("n", 1, SAMPLE, Variance.BATCH)
+    one = B.reshape(out, (1,) + out.shape, (sample,) + out.indices)
+    if cross_entropy and out.ndim >= 2:
+        one = B.permute(one, (0, 2, 1) + tuple(range(3, one.ndim)))
+    return Program.of({**program.outputs, "output": one})

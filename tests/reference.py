@@ -91,8 +91,7 @@ class Reference:
     def flat_jacobian(self):
         """(N, O, D): per-sample output Jacobians, parameters flattened in model order."""
         J = self.jacobians()
-        N = self.x.shape[0]
-        return torch.cat([v.reshape(N, v.shape[1], -1) for v in J.values()], 2)
+        return torch.cat([v.reshape(v.shape[0], v.shape[1], -1) for v in J.values()], 2)
 
     def ggn(self):
         J, H = self.flat_jacobian(), self.output_hessians()
@@ -100,10 +99,9 @@ class Reference:
 
     def ggn_block(self):
         J, H = self.jacobians(), self.output_hessians()
-        N = self.x.shape[0]
         out = {}
         for k, v in J.items():
-            f = v.reshape(N, v.shape[1], -1)
+            f = v.reshape(v.shape[0], v.shape[1], -1)
             out[k] = torch.einsum("noa,nop,npb->ab", f, H, f)
         return out
 
@@ -171,3 +169,18 @@ class Reference:
     def hvp(self, v):
         flat = torch.cat([v[k].flatten() for k in self.params])
         return self._unflatten(self.hessian() @ flat)
+
+
+class BatchReference(Reference):
+    """References for a model that couples its samples (train-mode BatchNorm): the whole batch is
+    one sample, so Jacobians and output Hessians are those of the whole (flattened) output. Only
+    batch quantities (per-sample ones are undefined)."""
+
+    def jacobians(self):
+        J = jacrev(lambda p: functional_call(self.model, p, (self.x,)))(self.params)
+        return {k: v.reshape(1, self.out.numel(), *self.params[k].shape) for k, v in J.items()}
+
+    def output_hessians(self):
+        def total(f):
+            return self.lf(f.reshape(self.out.shape), self.y)
+        return hessian(total)(self.out.flatten()).unsqueeze(0)

@@ -21,7 +21,7 @@ def _ggn_diag(b):
     return ggn_diagonals(b, per_sample=False)
 
 
-@register_quantity("batch_ggn_diag")
+@register_quantity("batch_ggn_diag", per_sample=True)
 def _batch_ggn_diag(b):
     """Per-sample GGN diagonals (they sum to ggn_diag)."""
     return ggn_diagonals(b, per_sample=True)
@@ -50,7 +50,7 @@ def _flat_columns(b: DerivativeBuilder) -> Node:
     return B.cat(flats, 2)
 
 
-@register_quantity("sqrt_ggn")
+@register_quantity("sqrt_ggn", per_sample=True)
 def _sqrt_ggn(b):
     """V with GGN = V V^T: per parameter (C, N, *param), BackPACK's SqrtGGNExact layout."""
     return dict(b.sqrt_ggn)

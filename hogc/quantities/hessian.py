@@ -229,7 +229,7 @@ def num_cols(b: DerivativeBuilder) -> int:
     return next(iter(b.sqrt_ggn.values())).shape[0]
 
 
-@register_quantity("batch_hessian_diag")
+@register_quantity("batch_hessian_diag", per_sample=True)
 def _batch_hessian_diag(b):
     """Per-sample Hessian diagonals (each sample's loss share), shape (N, *param); they sum to
     hessian_diag. Hessian backpropagation or forward-over-reverse, whichever a cost model predicts

@@ -54,7 +54,7 @@ def _kronecker(b: DerivativeBuilder, mc: bool) -> dict[str, Node]:
     return out
 
 
-@register_quantity("kflr")
+@register_quantity("kflr", per_sample=True)
 def _kflr(b):
     """Kronecker factors from the exact loss-Hessian square root (KFLR): (B, A) for weights of
     linear maps and convolutions (BackPACK's convention for these), (B,) for their biases; GGN
@@ -62,7 +62,7 @@ def _kflr(b):
     return _kronecker(b, mc=False)
 
 
-@register_quantity("kfac")
+@register_quantity("kfac", per_sample=True)
 def _kfac(b):
     """Kronecker factors from the Monte-Carlo square root (KFAC, ``mc_samples`` columns, seeded like
     ggn_diag_mc); same layout as kflr."""
@@ -101,7 +101,7 @@ def _kfra_output_factors(b: DerivativeBuilder) -> dict[int, Node]:
             return out
 
 
-@register_quantity("kfra")
+@register_quantity("kfra", per_sample=True)
 def _kfra(b):
     """Kronecker factors by KFRA's batch-averaged recursion (a chain of linear maps and
     elementwise activations, as BackPACK's KFRA): (B, A) per weight, (B,) per bias, same layout as

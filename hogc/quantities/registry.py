@@ -20,6 +20,7 @@ class Quantity:
     per_param: bool  # result keyed by parameter name
     doc: str
     takes_vector: bool = False  # the compiled function takes a vector v (dict keyed like the parameters)
+    per_sample: bool = False  # built from per-sample terms: undefined where the model couples samples
 
 
 QUANTITIES: dict[str, Quantity] = {}
@@ -27,11 +28,11 @@ QUANTITIES: dict[str, Quantity] = {}
 MAX_ELEMENTS = 2**28
 
 
-def register_quantity(name: str, *, per_param: bool = True, takes_vector: bool = False):
+def register_quantity(name: str, *, per_param: bool = True, takes_vector: bool = False, per_sample: bool = False):
     def deco(fn):
         if name in QUANTITIES:
             raise ValueError(f"quantity '{name}' is already registered")
-        QUANTITIES[name] = Quantity(name, fn, per_param, (fn.__doc__ or "").strip(), takes_vector)
+        QUANTITIES[name] = Quantity(name, fn, per_param, (fn.__doc__ or "").strip(), takes_vector, per_sample)
         return fn
     return deco
 

@@ -163,6 +163,17 @@ def infer_indices(program: Program, per_sample: bool = True, coupled: bool = Fal
             for s in node.src:
                 for k in range(node.ndim):
                     same((s.uid, k), out[k], same_space=(k != dim))
+        elif node.op in (Op.GATHER, Op.SCATTER_ADD):
+            x, idx = node.src
+            dim = node.ndim + (node.arg if node.op is Op.GATHER else node.arg[0])
+            for k in range(node.ndim):
+                same((x.uid, k), out[k], same_space=(k != dim))
+            off = node.ndim - idx.ndim
+            for k in range(idx.ndim):
+                if idx.shape[k] == node.shape[k + off] and (k + off != dim or node.op is Op.GATHER):
+                    same((idx.uid, k), out[k + off])
+                elif k + off == dim:
+                    same((idx.uid, k), (x.uid, k + off))
         elif node.op is Op.NONDIFF:
             x = node.src[0]
             for k, kx in NONDIFF_FUNCTIONS[node.arg[0]].kept(node.arg[1], x.ndim):
@@ -270,6 +281,10 @@ def _check_samples(old: Node, node: Node) -> None:
                 fail("a contraction over the sample axis")
     elif node.op is Op.SUM and node.src[0].has_sample and not node.has_sample:
         fail("a sum over the sample axis")
+    elif node.op in (Op.GATHER, Op.SCATTER_ADD):
+        dim = node.ndim + (node.arg if node.op is Op.GATHER else node.arg[0])
+        if node.src[0].sample_axis() == dim or node.sample_axis() == dim:
+            fail("gathering or scattering along the sample axis")
     elif node.op in (Op.SLICE, Op.INDEX, Op.CAT, Op.PAD):
         dim = node.arg if node.op is Op.CAT else node.arg[0]
         if any(x.sample_axis() == dim for x in node.src):

@@ -151,6 +151,18 @@ def _linear(node, tangents):
     return _structural(node, t)
 
 
+@defjvp(Op.GATHER, Op.SCATTER_ADD)
+def _gather(node, tangents):
+    t = tangents[0]
+    if t is None:
+        return None
+    s = t.indices[0]
+    if node.op is Op.GATHER:
+        return B.gather(t, node.src[1], node.arg, indices=(s,) + node.indices)
+    dim, size = node.arg
+    return B.scatter_add(t, node.src[1], dim, size, node.indices[dim])
+
+
 @defjvp(Op.CAT)
 def _cat(node, tangents):
     if all(t is None for t in tangents):

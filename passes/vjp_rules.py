@@ -247,6 +247,21 @@ def _index_add(node, cot, ctx, k):
     return B.index(cot, ctx.nlead(node) + dim, idx, indices=ctx.layout(x))
 
 
+@deflinear(Op.GATHER)
+def _gather(node, cot, ctx, k):
+    if k == 1:
+        return None  # integer indices
+    x = node.src[0]
+    return B.scatter_add(cot, node.src[1], node.arg, x.shape[node.arg], ctx.layout(x)[node.arg])
+
+
+@deflinear(Op.SCATTER_ADD)
+def _scatter_add(node, cot, ctx, k):
+    if k == 1:
+        return None
+    return B.gather(cot, node.src[1], node.arg[0], indices=ctx.layout(node.src[0]))
+
+
 @deflinear(Op.CAT)
 def _cat(node, cot, ctx, k):
     dim = node.arg

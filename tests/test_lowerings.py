@@ -83,6 +83,7 @@ CASES = {
     "select": lambda h, w: h.reshape(h.shape[0], 2, 2)[:, 1],
     "index": lambda h, w: h[:, T([3, 0, 3])],
     "index_select": lambda h, w: h.index_select(1, T([2, 0, 2])),
+    "gather": lambda h, w: torch.gather(h.view(-1, 2, 2), 2, T([[[1, 0]]]).expand(h.shape[0], 1, 2)).flatten(1) * w[:2],
     "cat": lambda h, w: torch.cat([h, h[:, :1]], 1),
     "concat": lambda h, w: torch.concat([h, w.expand(h.shape[0], 4)], 1),
     "concatenate": lambda h, w: torch.concatenate([h, h], 1),
@@ -223,3 +224,43 @@ def test_inplace_variant_of_a_name_read_rule():
     want = Reference(model, nn.CrossEntropyLoss(), x, y).grad()
     for k in want:
         close(got[k], want[k])
+
+
+class RuntimeIndices(nn.Module):
+    """Indices held in buffers (and, with integer inputs, the inputs themselves): one GATHER each,
+    whose reverse mode is a scatter-add."""
+
+    def __init__(self, integer_x: bool):
+        super().__init__()
+        self.integer_x = integer_x
+        self.table = nn.Parameter(torch.randn(5, 4))
+        self.lin = nn.Linear(4, 4)
+        self.register_buffer("pick", T([3, 0, 3, 1]))
+        self.register_buffer("ids", T([[4, 0, 4], [1, 2, 1]]))
+        self.register_buffer("cols", T([[2, 2, 0, 1]]))
+
+    def forward(self, x):
+        if self.integer_x:  # token ids: table[x] is an embedding lookup by gather
+            h = self.lin(self.table[x].sum(1))
+        else:
+            h = self.lin(x)
+        a = h[:, self.pick] * h.index_select(1, self.pick[:2]).sum(1, keepdim=True)
+        b = torch.einsum("ni,kti->nk", h, self.table[self.ids])  # a parameter gathered by a 2-d index
+        c = torch.gather(torch.tanh(h), 1, self.cols.expand(h.shape[0], 4))
+        return torch.cat([a, b, c], 1)
+
+
+@pytest.mark.parametrize("integer_x", [False, True], ids=["float_x", "integer_x"])
+def test_runtime_index_tensors(integer_x):
+    torch.manual_seed(0)
+    model = RuntimeIndices(integer_x).double()
+    x = torch.randint(0, 5, (N, 3)) if integer_x else torch.randn(N, 4, dtype=torch.float64)
+    assert {"gather", "index", "index_select"} <= _captured_ops(model, x)
+    with torch.no_grad():
+        y = torch.randn(model(x).shape, dtype=torch.float64)
+    lf = nn.MSELoss()
+    qs = ("grad", "batch_grad", "ggn_diag", "hessian_diag")
+    fn = hogc.compile(model, qs, loss=lf)
+    out = fn(x, y)
+    assert_matches(out, Reference(model, lf, x, y), qs)
+    assert "gather" in fn.code and "scatter_add" in fn.code

@@ -39,8 +39,17 @@ def _examples():
         Op.PAD: lambda: B.pad(_inp("a", (3,)), 1, 1, 2, 7, Index("p", 7, "p", Variance.UP)),
         Op.INDEX: lambda: B.index(_inp("a", (5,)), 1, (0, 3, 3, 1)),
         Op.INDEX_ADD: lambda: B.index_add(_inp("a", (4,)), 1, (0, 2, 2, 1), 3, Index("q", 3, "q", Variance.UP)),
+        Op.GATHER: lambda: B.gather(_inp("a", (5,)), _int_index((N, 4), 5), -1),
+        Op.SCATTER_ADD: lambda: B.scatter_add(_inp("a", (2, 4)), _int_index((4,), 3), -1, 3,
+                                              Index("q", 3, "q", Variance.UP)),
         Op.CAT: lambda: B.cat([_inp("a", (2,)), _inp("c", (3,))], 1),
     }
+
+
+def _int_index(shape, high):
+    """A runtime-index operand: integer constants with repeats (so scatter-adds accumulate)."""
+    t = torch.randint(0, high, shape, generator=torch.Generator().manual_seed(2))
+    return B.const_tensor(t, [Index(f"g{k}", d, f"g{k}", Variance.UP) for k, d in enumerate(shape)])
 
 
 EXAMPLES = _examples()
@@ -62,7 +71,8 @@ def test_rule_kinds_table():
     table = {op.name: (rule_kinds.get(op), ["vjp"] if op in vjp_rules else []) for op in Op}
     assert table["EINSUM"] == ("multilinear", ["vjp"]) and table["MUL"][0] == "multilinear"
     assert all(table[o][0] == "linear" for o in ("ADD", "SUB", "SUM", "RESHAPE", "PERMUTE", "EXPAND", "SLICE",
-                                                 "PAD", "INDEX", "INDEX_ADD", "CAT"))
+                                                 "PAD", "INDEX", "INDEX_ADD", "GATHER", "SCATTER_ADD",
+                                                 "CAT"))
     assert table["ELEMENTWISE"][0] == "elementwise" and table["LOSS"] == (None, [])
 
 

@@ -325,16 +325,30 @@ def _checked_index(x: Node, dim: int, idx: tuple[int, ...]) -> Node:
         raise UnsupportedOpError(f"constant index out of range: {e}") from None
 
 
-def _const_index(idx) -> tuple[int, ...]:
-    if isinstance(idx, Node) and idx.op is Op.CONST and not isinstance(idx.arg, float):
-        t = idx.arg.tensor
-        if t.dtype == torch.bool:
-            t = t.nonzero().flatten()
-        if t.ndim != 1:
-            raise UnsupportedOpError("indexing with a multi-dimensional index tensor")
-        return tuple(int(v) for v in t.tolist())
-    raise UnsupportedOpError("indexing with an index tensor that is not a constant of the model (computed "
-                             "from the inputs, or held in a buffer); only constant indices are supported")
+def _const_index(idx: Node) -> tuple[int, ...]:
+    t = idx.arg.tensor
+    if t.dtype == torch.bool:
+        t = t.nonzero().flatten()
+    if t.ndim != 1:
+        raise UnsupportedOpError("indexing with a multi-dimensional constant index tensor")
+    return tuple(int(v) for v in t.tolist())
+
+
+def _is_const(idx) -> bool:
+    return isinstance(idx, Node) and idx.op is Op.CONST and not isinstance(idx.arg, (int, float))
+
+
+def _runtime_select(x: Node, dim: int, idx: Node) -> Node:
+    """``x`` indexed along ``dim`` by a runtime index tensor (a buffer, integer inputs, ...) of any
+    shape I: ``x.shape[:dim] + I + x.shape[dim+1:]``, one GATHER. Leading axes of I broadcast x
+    (an embedding lookup W[ids] keeps the sample axis of ids)."""
+    dim %= x.ndim
+    head, tail = x.shape[:dim], x.shape[dim + 1:]
+    I = idx.shape if idx.ndim else (1,)
+    xe = B.reshape(x, head + (1,) * (len(I) - 1) + (x.shape[dim],) + tail)
+    xe = B.expand(xe, head + I[:-1] + (x.shape[dim],) + tail)
+    out = B.gather(xe, B.reshape(idx, I + (1,) * len(tail)), -len(tail) - 1)
+    return out if idx.ndim else B.reshape(out, head + tail)
 
 
 @lowering("index")
@@ -343,12 +357,28 @@ def _index(x, indices):
     if len(real) != 1:
         raise UnsupportedOpError("advanced indexing with more than one index tensor")
     d, i = real[0]
-    return _checked_index(x, d, _const_index(i))
+    return _checked_index(x, d, _const_index(i)) if _is_const(i) else _runtime_select(x, d, i)
 
 
 @lowering("index_select")
 def _index_select(x, dim, idx):
-    return _checked_index(x, dim, _const_index(idx))
+    return _checked_index(x, dim, _const_index(idx)) if _is_const(idx) else _runtime_select(x, dim, idx)
+
+
+@lowering("gather")
+def _gather(x, dim, idx, sparse_grad=False):
+    """torch.gather: ``out[p] = x[p with axis dim replaced by idx[p]]``, out shaped like idx."""
+    dim %= x.ndim
+    if idx.ndim != x.ndim:
+        raise UnsupportedOpError(f"gather with an index of {idx.ndim} axes into a tensor of {x.ndim}")
+    for k, (a, b) in enumerate(zip(idx.shape, x.shape)):
+        if k != dim and a > b:
+            raise UnsupportedOpError(f"gather index size {a} exceeds the input's {b} on axis {k}")
+        if k != dim and a < b:
+            x = B.slice_(x, k, 0, a, 1)
+    if _is_const(idx):
+        idx = B.const_tensor(idx.arg.tensor.long(), idx.indices)
+    return B.gather(x, idx, dim - x.ndim)
 
 
 @lowering("cat", "concat", "concatenate")

@@ -148,12 +148,28 @@ def lower_graph(gm: torch.fx.GraphModule, param_names: list[str], trainable: set
         env[node] = res
     if not isinstance(out, Node):
         raise UnsupportedOpError("the model must return a single tensor")
-    if integer_x:  # ids (tokens): only piecewise-constant functions (an embedding's one-hot) may read them
-        users = [n for n in topological_order([out]) if any(s is x_node for s in n.src)]
-        if any(n.op is not Op.NONDIFF for n in users):
-            raise InputDtypeError(f"input x has dtype {x_node_dtype}; hogc needs floating-point inputs to "
-                                  f"differentiate through (integer/bool inputs may only index an embedding)")
+    if integer_x:
+        _check_integer_uses(x_node, out, x_node_dtype)
     return out, params, x_node
+
+
+_INTEGER_STRUCTURAL = (Op.RESHAPE, Op.PERMUTE, Op.EXPAND, Op.SLICE, Op.INDEX)
+
+
+def _check_integer_uses(x_node: Node, out: Node, dtype) -> None:
+    """Integer inputs (token ids) may only be rearranged and then read by piecewise-constant
+    functions (an embedding's one-hot) or serve as the indices of a gather."""
+    ints = {x_node.uid}
+    for n in topological_order([out]):
+        hit = [k for k, s in enumerate(n.src) if s.uid in ints]
+        if not hit:
+            continue
+        if n.op in _INTEGER_STRUCTURAL:
+            ints.add(n.uid)
+        elif not (n.op is Op.NONDIFF or (n.op is Op.GATHER and hit == [1])):
+            raise InputDtypeError(f"input x has dtype {dtype}; hogc needs floating-point inputs to differentiate "
+                                  f"through (integer/bool inputs may only index: an embedding, gather, "
+                                  f"index_select)")
 
 
 def _check_inplace(node: torch.fx.Node, name: str, position, alias_root, where) -> None:

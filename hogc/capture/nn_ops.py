@@ -137,27 +137,19 @@ def _spatial(x: Node, d: int) -> tuple[int, ...]:
     return x.shape[-d:]
 
 
-def _pool_with(x: Node, mats: list[torch.Tensor], mask: Node | None = None, meta: list[tuple] | None = None) -> Node:
-    """Contract each trailing spatial axis of x with its matrix A[h, o]; with ``mask`` (…, *o, *t),
-    the matrices are patterns P[h, t, o] and the windows' taps are weighted by the mask."""
+def _pool_with(x: Node, mats: list[torch.Tensor]) -> Node:
+    """Contract each trailing spatial axis of x with its matrix A[h, o]."""
     d = len(mats)
     L = iter("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
     lead = "".join(next(L) for _ in range(x.ndim - d))
-    xs, outs, tl, terms, ops = lead, lead, "", [], []
+    xs, outs, terms, ops = lead, lead, [], []
     for A in mats:
         h, o = next(L), next(L)
         xs += h
         outs += o
-        if mask is not None:
-            t = next(L)
-            tl += t
-            terms.append(h + t + o)
-        else:
-            terms.append(h + o)
-        ops.append(_const(A, "pool", meta[len(ops)] if meta else None))
-    if mask is None:
-        return B.einsum([xs] + terms, outs, [x] + ops)
-    return B.einsum([xs] + terms + [outs + tl], outs, [x] + ops + [mask])
+        terms.append(h + o)
+        ops.append(_const(A, "pool"))
+    return B.einsum([xs] + terms, outs, [x] + ops)
 
 
 def _avg_matrix(size, k, stride, pad, ceil, include_pad, dtype) -> torch.Tensor:
@@ -206,10 +198,10 @@ def _max_pool(x, kernel, stride=None, padding=0, dilation=1, ceil_mode=False, *,
     stride = _tuple(stride if stride else kernel, d)
     padding, dilation = _tuple(padding, d), _tuple(dilation, d)
     params = (kernel, stride, padding, dilation, bool(ceil_mode))
-    mask = B.nondiff("window_argmax", params, x)  # (..., *out, *kernel), one-hot per window
-    pats = [_pattern(s, k, pool_output_size(s, k, st, p, dl, ceil_mode), st, p, dl, out_dtype)
-            for s, k, st, p, dl in zip(S, kernel, stride, padding, dilation)]
-    return _pool_with(x, pats, mask, meta=list(zip(stride, padding, dilation)))
+    idx = B.nondiff("pool_argmax", params, x)  # (..., *out): the flat input position of each window's max
+    lead, outs = x.shape[:-d], idx.shape[-d:]
+    flat = B.gather(B.reshape(x, lead + (math.prod(S),)), B.reshape(idx, lead + (math.prod(outs),)), -1)
+    return B.reshape(flat, lead + outs)
 
 
 def _per_dim(fn, d: int):

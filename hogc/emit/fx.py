@@ -254,6 +254,16 @@ def _structural(g, node, args, gm):
     return _fn(g, _STRUCTURAL[node.op], args[0], *node.arg)
 
 
+@emitter(Op.GATHER)
+def _gather(g, node, args, gm):
+    return _fn(g, R.gather, *args, node.arg)
+
+
+@emitter(Op.SCATTER_ADD)
+def _scatter_add(g, node, args, gm):
+    return _fn(g, R.scatter_add, *args, *node.arg)
+
+
 @emitter(Op.NONDIFF)
 def _nondiff(g, node, args, gm):
     fname, params = node.arg

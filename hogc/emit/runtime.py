@@ -186,6 +186,20 @@ def index_add_dim(x: torch.Tensor, dim: int, index: tuple[int, ...], size: int) 
     return x.new_zeros(shape).index_add_(dim, torch.tensor(index, device=x.device), x)
 
 
+def gather(x: torch.Tensor, idx: torch.Tensor, dim: int) -> torch.Tensor:
+    """torch.gather along ``dim`` (< 0) with ``idx`` broadcast right-aligned against the result."""
+    shape = list(x.shape)
+    shape[dim] = idx.shape[dim]
+    return torch.gather(x, dim, idx.expand(shape))
+
+
+def scatter_add(v: torch.Tensor, idx: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """The transpose of :func:`gather`: zeros of ``size`` along ``dim``, v added at idx."""
+    shape = list(v.shape)
+    shape[dim] = size
+    return v.new_zeros(shape).scatter_add_(dim, idx.expand(v.shape), v)
+
+
 def conv(x: torch.Tensor, w: torch.Tensor, transposed: bool, stride, padding, dilation,
          output_padding) -> torch.Tensor:
     """A convolution (or its transpose) over len(stride) spatial axes, no bias."""

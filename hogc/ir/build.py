@@ -17,7 +17,7 @@ from .ops import Op
 __all__ = [
     "letters", "fresh_letters", "delta", "inp", "const", "const_tensor", "elementwise", "binary", "add", "sub", "mul",
     "div", "einsum", "sum_dims", "reshape", "permute", "expand", "slice_", "pad", "index",
-    "index_add", "cat", "unsqueeze", "broadcast_indices", "scale", "reshape_groups",
+    "index_add", "gather", "scatter_add", "cat", "unsqueeze", "broadcast_indices", "scale", "reshape_groups",
 ]
 
 
@@ -290,6 +290,25 @@ def index(x: Node, dim: int, idx: Sequence[int], indices=None, where=None) -> No
         ii[dim] = _resized(ii[dim], len(idx), "[idx]")
         indices = tuple(ii)
     return Node(Op.INDEX, (x,), (dim, idx), tuple(indices), where)
+
+
+def gather(x: Node, idx: Node, dim: int, indices=None, where=None) -> Node:
+    """``out[p] = x[p with axis dim replaced by idx[p]]`` (idx: runtime integer indices, broadcast
+    right-aligned against the result); ``dim`` counts from the right so leading batch axes of x
+    (columns, tangents) leave it unchanged."""
+    dim = dim - x.ndim if dim >= 0 else dim
+    if indices is None:
+        ii = list(x.indices)
+        ii[dim] = _resized(ii[dim], idx.shape[dim], "[idx]")
+        indices = tuple(ii)
+    return Node(Op.GATHER, (x, idx), dim, tuple(indices), where)
+
+
+def scatter_add(v: Node, idx: Node, dim: int, size: int, index_: Index) -> Node:
+    """The transpose of :func:`gather`: zeros with axis ``dim`` of size ``size``, v added at idx."""
+    ii = list(v.indices)
+    ii[dim] = index_
+    return Node(Op.SCATTER_ADD, (v, idx), (dim, size), tuple(ii))
 
 
 def index_add(x: Node, dim: int, idx: tuple[int, ...], size: int, index_: Index) -> Node:

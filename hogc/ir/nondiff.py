@@ -39,35 +39,22 @@ def _amax_shape(params, shape):
     return tuple(1 if k in dims else d for k, d in enumerate(shape))
 
 
-def _window_shape(params, shape):
+def _argmax_shape(params, shape):
     kernel, stride, pad, dil, ceil = params
     d = len(kernel)
-    outs = tuple(pool_output_size(s, k, st, p, dl, ceil)
-                 for s, k, st, p, dl in zip(shape[-d:], kernel, stride, pad, dil))
-    return tuple(shape[:-d]) + outs + tuple(kernel)
+    return tuple(shape[:-d]) + tuple(pool_output_size(s, k, st, p, dl, ceil)
+                                     for s, k, st, p, dl in zip(shape[-d:], kernel, stride, pad, dil))
 
 
-def window_argmax(x: torch.Tensor, kernel, stride, pad, dil, ceil) -> torch.Tensor:
-    """One-hot (…, *out, *kernel) of the tap each pooling window takes its maximum from: torch's own
-    max pooling picks it (so ties break as torch's do), then its flat input index becomes a tap."""
+def pool_argmax(x: torch.Tensor, kernel, stride, pad, dil, ceil) -> torch.Tensor:
+    """The flat input position (into the trailing len(kernel) axes) each pooling window takes its
+    maximum from, (…, *out), int64: torch's own max pooling picks it, so ties break as torch's do."""
     d = len(kernel)
     pool = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[d - 1]
     lead = x.shape[:x.ndim - d]
     flat = x.reshape((-1, 1) + tuple(x.shape[x.ndim - d:]))  # (B, 1, *S): any leading axes
     _, idx = pool(flat, kernel, stride, pad, dil, ceil, return_indices=True)
-    outs = idx.shape[2:]
-    spatial = x.shape[x.ndim - d:]
-    tap = torch.zeros_like(idx)
-    rem = idx
-    for k in reversed(range(d)):  # unravel the input position, subtract the window start
-        pos = rem % spatial[k]
-        rem = rem // spatial[k]
-        start = torch.arange(outs[k], device=x.device) * stride[k] - pad[k]
-        start = start.view((1, 1) + tuple(outs[k] if j == k else 1 for j in range(d)))
-        offset = (pos - start) // dil[k]
-        tap = tap + offset * math.prod(kernel[k + 1:])
-    hot = F.one_hot(tap, math.prod(kernel)).to(x.dtype)
-    return hot.reshape(tuple(lead) + tuple(outs) + tuple(kernel))
+    return idx.reshape(tuple(lead) + tuple(idx.shape[2:]))
 
 
 def amax(x: torch.Tensor, dims) -> torch.Tensor:
@@ -95,9 +82,10 @@ NONDIFF_FUNCTIONS: dict[str, NondiffFunction] = {
     # params (dims,): the maximum over dims, kept as size-1 axes
     "amax": NondiffFunction(_amax_shape, lambda p, n: [(k, k) for k in range(n) if k not in p[0]],
                             amax),
-    # params (kernel, stride, padding, dilation, ceil_mode) over the trailing len(kernel) axes
-    "window_argmax": NondiffFunction(_window_shape, lambda p, n: [(k, k) for k in range(n - len(p[0]))],
-                                     window_argmax),
+    # params (kernel, stride, padding, dilation, ceil_mode) over the trailing len(kernel) axes: the
+    # flat input position of each window's maximum, (..., *out), int64
+    "pool_argmax": NondiffFunction(_argmax_shape, lambda p, n: [(k, k) for k in range(n - len(p[0]))],
+                                   pool_argmax),
     # params (p,), sources (x, generator): the scaled dropout mask of this call, shaped like x
     "dropout_mask": NondiffFunction(lambda p, shape: tuple(shape), lambda p, n: [(k, k) for k in range(n)],
                                     dropout_mask),

@@ -39,6 +39,9 @@ class Op(Enum):
     PAD = auto()  # arg: (dim, start, step, size): transpose of SLICE, zeros elsewhere
     INDEX = auto()  # arg: (dim, indices): gather with constant indices
     INDEX_ADD = auto()  # arg: (dim, indices, size): transpose of INDEX (scatter-add into zeros)
+    GATHER = auto()  # arg: dim < 0; src (x, idx): torch.gather with runtime (integer) indices idx, which
+    # broadcast right-aligned (so leading batch axes of x need none); x is shaped like the result but at dim
+    SCATTER_ADD = auto()  # arg: (dim < 0, size); src (v, idx): transpose of GATHER (scatter-add into zeros)
     CAT = auto()  # arg: dim
     NONDIFF = auto()  # arg: (fname, params); a piecewise-constant function of src (x,): zero derivatives
 

@@ -82,6 +82,16 @@ def _check_shape(node: Node, names) -> None:  # noqa: C901 (a table would be lon
     elif op is Op.INDEX_ADD:
         dim, idx, size = a
         need(src[0].shape[dim] == len(idx) and shape[dim] == size, "index_add sizes")
+    elif op is Op.GATHER:
+        x, idx = src
+        need(a < 0 and x.ndim == len(shape) and idx.ndim <= len(shape) and idx.ndim >= -a, "gather axes")
+        need(all(d == (idx.shape[a] if k == len(shape) + a else x.shape[k]) for k, d in enumerate(shape))
+             and all(d in (1, shape[k - idx.ndim]) for k, d in enumerate(idx.shape)), "gather shape")
+    elif op is Op.SCATTER_ADD:
+        v, idx = src
+        dim, size = a
+        need(dim < 0 and v.ndim == len(shape) and -dim <= idx.ndim <= v.ndim and shape[dim] == size
+             and all(d in (1, v.shape[k - idx.ndim]) for k, d in enumerate(idx.shape)), "scatter_add shape")
     elif op is Op.CAT:
         need(sum(x.shape[a] for x in src) == shape[a], "cat sizes")
     elif op is Op.NONDIFF:
@@ -146,6 +156,9 @@ def _kept_axes(node: Node) -> list[tuple[int, int, int]]:
         return [(0, kk, k) for k, kk in enumerate(kept)]
     if op in (Op.SLICE, Op.INDEX, Op.PAD, Op.INDEX_ADD):
         return [(0, k, k) for k in range(node.ndim) if k != a[0]]
+    if op in (Op.GATHER, Op.SCATTER_ADD):
+        dim = node.ndim + (a if op is Op.GATHER else a[0])
+        return [(0, k, k) for k in range(node.ndim) if k != dim]
     if op is Op.CAT:
         return [(j, k, k) for j in range(len(node.src)) for k in range(node.ndim) if k != a]
     if op is Op.EXPAND:

@@ -5,9 +5,11 @@ After fusion, a convolution (and its transpose, which the reverse mode produces)
 spatial axis (``Constant.pattern`` holds (s, p, d)). When the data carries the pattern's input
 positions h and the result its output positions o, the network is ``conv{d}d``; when the data
 carries o and the result h, it is ``conv_transpose{d}d``. Extra letters of the data that the
-result keeps (samples, loss-Hessian columns, tangents) fold into the kernel's batch axis. Any
-other network with patterns (weight gradients, per-sample products) is left to the path search,
-whose selection steps make it im2col + GEMM (``passes/selection.py``).
+result keeps (samples, loss-Hessian columns, tangents) fold into the kernel's batch axis. When
+one operand carries h, the other o and the result the taps k, summing every shared letter, the
+network is a batch weight gradient (``conv{d}d_weight``, torch's convolution backward). Any
+other network with patterns (per-sample weight gradients and products) is left to the path
+search, whose selection steps make it im2col + GEMM (``passes/selection.py``).
 """
 from __future__ import annotations
 
@@ -50,6 +52,10 @@ def conv_network(node: Node) -> Node | None:
         specs.append((s[0], s[1], s[2], pattern_of(ops[k])))
     H, T, O = ({sp[i] for sp in specs} for i in range(3))
     out = set(eq.output)
+    if any(eq.inputs[k].count(c) > 1 for k in range(len(ops)) for c in eq.inputs[k]):
+        return None
+    if T <= out:
+        return _weight_gradient(node, [(ops[k], eq.inputs[k]) for k in rest], specs, sizes, unit)
     for a, b in ((rest[0], rest[1]), (rest[1], rest[0])):
         w, d = eq.inputs[a], eq.inputs[b]
         if set(w) & (H | O) or not T <= set(w) or set(d) & T:
@@ -68,8 +74,6 @@ def conv_network(node: Node) -> Node | None:
             continue
         if set(eq.output) - set(batch) - set(w_out) - set(dst_sp) - unit:
             continue
-        if any(eq.inputs[k].count(c) > 1 for k in range(len(ops)) for c in eq.inputs[k]):
-            return None
         return _build(node, ops[b], d, ops[a], w, specs, batch, summed[0], w_out[0], src_sp, dst_sp,
                       transposed, sizes)
     return None
@@ -104,13 +108,52 @@ def _build(node, x, d, w, ws, specs, batch, cin, cout, src_sp, dst_sp, transpose
                 return None
             out_pad.append(0)
     shape = (nb, sizes[cout]) + tuple(sizes[c] for c in dst_sp)
-    y = Node(Op.CONV, (xd, wk), (transposed, stride, padding, dilation, tuple(out_pad)),
+    y = Node(Op.CONV, (xd, wk), ("transposed" if transposed else "forward", stride, padding, dilation,
+                                 tuple(out_pad)),
              tuple(_axis(n, f"y{i}") for i, n in enumerate(shape)))
     full = [c for c in batch] + [cout] + dst_sp
     y = B.reshape(y, tuple(sizes[c] for c in full), tuple(_axis(sizes[c], f"f{i}") for i, c in enumerate(full)))
     kept = [c for c in eq.output if sizes[c] != 1]
     y = B.permute(y, [full.index(c) for c in kept])
     return B.reshape(y, node.shape, node.indices)
+
+
+def _weight_gradient(node: Node, operands, specs, sizes, unit) -> Node | None:
+    """``x[B, cin, h] P[h, k, o] g[B, cout, o] -> [cout, cin, k]`` (any order, B summed)."""
+    eq: Einsum = node.arg
+    H, T, O = ([sp[i] for sp in specs] for i in range(3))
+    out = set(eq.output) - unit
+    for (x, xs), (g, gs) in (operands, operands[::-1]):
+        xl, gl = _letters(xs, sizes), _letters(gs, sizes)
+        if not set(H) <= set(xl) or not set(O) <= set(gl) or set(xl) & set(O) or set(gl) & set(H):
+            continue
+        batch = [c for c in xl if c in gl]
+        cin = [c for c in xl if c not in gl and c not in H]
+        cout = [c for c in gl if c not in xl and c not in O]
+        if len(cin) != 1 or len(cout) != 1 or set(batch) & out or out != set(T) | set(cin) | set(cout):
+            continue
+        for sp in specs:  # every output position must come from the kernel's own size formula
+            s, p, dl = sp[3]
+            if (sizes[sp[0]] + 2 * p - dl * (sizes[sp[1]] - 1) - 1) // s + 1 != sizes[sp[2]]:
+                return None
+        nb = math.prod(sizes[c] for c in batch)
+
+        def flat(v, vs, chans, sp, tag):
+            order = batch + chans + sp
+            shape = (nb, sizes[chans[0]]) + tuple(sizes[c] for c in sp)
+            v = B.permute(_squeezed(v, vs, sizes), [_letters(vs, sizes).index(c) for c in order])
+            return B.reshape(v, shape, tuple(_axis(n, f"{tag}{i}") for i, n in enumerate(shape)))
+
+        xd, gd = flat(x, xs, cin, H, "x"), flat(g, gs, cout, O, "g")
+        full = cout + cin + T
+        shape = tuple(sizes[c] for c in full)
+        stride, padding, dilation = (tuple(sp[3][i] for sp in specs) for i in range(3))
+        taps = tuple(sizes[c] for c in T)  # the last slot: kernel size (output_padding of the other kinds)
+        y = Node(Op.CONV, (xd, gd), ("weight", stride, padding, dilation, taps),
+                 tuple(_axis(n, f"w{i}") for i, n in enumerate(shape)))
+        y = B.permute(y, [full.index(c) for c in eq.output if sizes[c] != 1])
+        return B.reshape(y, node.shape, node.indices)
+    return None
 
 
 def _letters(s: str, sizes) -> str:
@@ -127,6 +170,8 @@ def _squeezed(x: Node, s: str, sizes) -> Node:
 def conv_flops(y: Node) -> int:
     """Multiply-adds (x2) of a CONV node: every output element sums cin x taps products."""
     x, w = y.src
-    if y.arg[0]:  # transposed: each input element scatters cout x taps products
+    if y.arg[0] == "weight":  # every weight entry sums batch x output positions products
+        return 2 * math.prod(y.shape) * math.prod(w.shape) // w.shape[1]
+    if y.arg[0] == "transposed":  # each input element scatters cout x taps products
         return 2 * math.prod(x.shape) * math.prod(w.shape) // w.shape[0]
     return 2 * math.prod(y.shape) * math.prod(w.shape) // w.shape[0]

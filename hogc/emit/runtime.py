@@ -200,11 +200,16 @@ def scatter_add(v: torch.Tensor, idx: torch.Tensor, dim: int, size: int) -> torc
     return v.new_zeros(shape).scatter_add_(dim, idx.expand(v.shape), v)
 
 
-def conv(x: torch.Tensor, w: torch.Tensor, transposed: bool, stride, padding, dilation,
+def conv(x: torch.Tensor, w: torch.Tensor, kind: str, stride, padding, dilation,
          output_padding) -> torch.Tensor:
-    """A convolution (or its transpose) over len(stride) spatial axes, no bias."""
+    """A convolution over len(stride) spatial axes, no bias: ``forward``, ``transposed``, or
+    ``weight`` (the batch weight gradient of a forward convolution of x with output gradient w;
+    ``output_padding`` holds the kernel size then)."""
     d = len(stride)
-    if transposed:
+    if kind == "weight":
+        fn = (torch.nn.grad.conv1d_weight, torch.nn.grad.conv2d_weight, torch.nn.grad.conv3d_weight)[d - 1]
+        return fn(x, (w.shape[1], x.shape[1], *output_padding), w, stride, padding, dilation)
+    if kind == "transposed":
         fn = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[d - 1]
         return fn(x, w, None, stride, padding, output_padding, 1, dilation)
     fn = (F.conv1d, F.conv2d, F.conv3d)[d - 1]

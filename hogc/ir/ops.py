@@ -47,8 +47,9 @@ class Op(Enum):
 
     # --- linear algebra on finished results ------------------------------------
     EIGVALSH = auto()  # arg: k; the k largest eigenvalues of a symmetric matrix, descending
-    CONV = auto()  # arg: (transposed, stride, padding, dilation, output_padding); src (x, w): a
-    # convolution kernel call, introduced by scheduling for an index-pattern network (never differentiated)
+    CONV = auto()  # arg: (kind, stride, padding, dilation, output_padding); src (x, w): a convolution kernel
+    # call (kind forward, transposed, or weight: src (x, output grad)), introduced by scheduling for an
+    # index-pattern network (never differentiated)
 
     # --- losses (the boundary where the GGN splits) ---------------------------
     LOSS = auto()  # arg: LossSpec; src: (output, target); the scalar loss

@@ -44,7 +44,7 @@ class CompiledFunction:
                  mc_samples: int, seed: int | None, generator: torch.Generator | None, optimize: str,
                  verify: bool | None, top_k: int = 1, memory_budget: int | None = None,
                  partition: list[list[str]] | None = None, direction: dict | None = None,
-                 allow_partial: bool = False, partition_strategy: str = "auto"):
+                 allow_partial: bool = False, partition_strategy: str = "auto", kfac_approx: str | None = None):
         self.model, self.quantities, self.single = model, tuple(quantities), single
         self.loss, self.spec = loss, loss_spec(loss)
         self.mc_samples, self.seed, self.generator = mc_samples, seed, generator
@@ -52,6 +52,7 @@ class CompiledFunction:
         self.memory_budget = memory_budget
         self.partition, self.direction, self.allow_partial = partition, direction, allow_partial
         self.partition_strategy = partition_strategy
+        self.kfac_approx = kfac_approx
         self.takes_vector = any(get_quantity(q).takes_vector for q in self.quantities)
         self._cache: dict[tuple, _Specialization] = {}
         self._last: _Specialization | None = None
@@ -92,7 +93,8 @@ class CompiledFunction:
         dtype = x.dtype if x.is_floating_point() else next(p.dtype for _, p in self.model.named_parameters())
         itemsize = torch.empty((), dtype=dtype).element_size()
         unopt = derive(forward, self.quantities, self.spec, dtype, shapes, self.mc_samples, self.top_k, notes,
-                       self.partition, self.direction is not None, x.device.type, self.partition_strategy)
+                       self.partition, self.direction is not None, x.device.type, self.partition_strategy,
+                       self.kfac_approx)
         passes = optimization_pipeline(self.optimize, self.memory_budget, itemsize)
         program = run_pipeline(unopt, passes, self.verify)
         used = {n.arg for n in program.inputs()}
@@ -304,7 +306,8 @@ def compile(model: nn.Module, quantity: str | Sequence[str] = "ggn_diag", loss: 
             mc_samples: int = 1, seed: int | None = None, generator: torch.Generator | None = None,
             optimize: str = "auto", memory_budget: int | None = None, verify: bool | None = None,
             top_k: int = 1, partition=None, direction: dict | None = None,
-            allow_partial: bool = False, partition_strategy: str = "auto") -> CompiledFunction:
+            allow_partial: bool = False, partition_strategy: str = "auto",
+            kfac_approx: str | None = None) -> CompiledFunction:
     """Compile derivative quantities of ``loss(model(x), y)``.
 
     Args:
@@ -328,6 +331,11 @@ def compile(model: nn.Module, quantity: str | Sequence[str] = "ggn_diag", loss: 
             kernels, best on GPUs), ``'unrolled'`` (one push per subset and per unordered pair,
             restricted to the subsets ranked after it: the fewest FLOPs, best on CPUs) or
             ``'auto'`` (dense on CUDA, unrolled elsewhere).
+        kfac_approx: how ``kflr``/``kfac`` treat positions a weight is shared over (a sequence, a
+            convolution's output positions), after Eschenhagen et al. (2023): ``'expand'`` (each
+            position one more sample: KFC for convolutions) or ``'reduce'`` (positions summed in
+            the gradient and averaged in the input first: KFAC-reduce). Default: ``'expand'``, and
+            BackPACK's convention for convolutions (positions summed in B, A summed over positions / N).
         memory_budget: bytes; slice contractions (loop over indices, summing or concatenating the
             chunks) until the predicted peak memory of the program fits (``fn.explain()`` shows it).
         verify: run the IR verifier after every pass (default: ``HOGC_VERIFY`` env var).
@@ -358,6 +366,11 @@ def compile(model: nn.Module, quantity: str | Sequence[str] = "ggn_diag", loss: 
     if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(memory_budget, int)
                                       or memory_budget <= 0):
         raise HogcError(f"memory_budget must be a positive number of bytes (int), got {memory_budget!r}")
+    from .quantities.kronecker import KFAC_APPROX
+    if kfac_approx is not None and kfac_approx not in KFAC_APPROX:
+        raise HogcError(f"unknown kfac_approx {kfac_approx!r}; one of {KFAC_APPROX} (or None)")
+    if kfac_approx is not None and not {"kflr", "kfac"} & set(names):
+        raise HogcError("kfac_approx= only applies to the kflr and kfac quantities")
     parts = None
     if any(q.startswith("partition_") for q in names):
         parts = resolve_partition(model, "parameter" if partition is None else partition, allow_partial)
@@ -377,7 +390,8 @@ def compile(model: nn.Module, quantity: str | Sequence[str] = "ggn_diag", loss: 
                         "partition_* quantities")
     return CompiledFunction(model, names, single, loss if loss is not None else nn.CrossEntropyLoss(),
                             mc_samples, seed, generator, optimize, verify, top_k, memory_budget, parts,
-                            None if direction is None else dict(direction), allow_partial, partition_strategy)
+                            None if direction is None else dict(direction), allow_partial, partition_strategy,
+                            kfac_approx)
 
 
 def resolve_partition(model: nn.Module, partition, allow_partial: bool = False) -> list[list[str]]:

@@ -10,6 +10,7 @@ from hogc.emit.memory import predicted_peak
 from hogc.errors import MemoryBudgetError
 from hogc.ir import Program, verify
 
+from .blocking import block_squares
 from .fuse import fuse_einsums
 from .paths import contract_pairwise
 
@@ -64,10 +65,14 @@ def schedule_to_budget(program: Program, strategy: str = "auto", memory_budget: 
 
 
 def optimization_pipeline(optimize: str = "auto", memory_budget: int | None = None, itemsize: int = 4) -> list[Pass]:
-    """fuse_einsums, then schedule_to_budget ('naive' keeps the operands as the passes wrote them)."""
-    return [functools.partial(fuse_einsums, merge_squares=optimize != "naive"),
-            functools.partial(schedule_to_budget, strategy=optimize, memory_budget=memory_budget,
-                              itemsize=itemsize)]
+    """fuse_einsums, schedule_to_budget, block_squares ('naive' keeps the operands as the passes
+    wrote them and contracts them as written)."""
+    passes = [functools.partial(fuse_einsums, merge_squares=optimize != "naive"),
+              functools.partial(schedule_to_budget, strategy=optimize, memory_budget=memory_budget,
+                                itemsize=itemsize)]
+    if optimize != "naive":
+        passes.append(functools.partial(block_squares, itemsize=itemsize))
+    return passes
 
 
 def run_pipeline(program: Program, passes: Sequence[Pass], verify_each: bool | None = None,

@@ -15,7 +15,8 @@ from backpack import extensions as ext
 
 SEQUENTIAL = [c for c in CASES if c.sequential]
 BACKPACK_KFLR = [c for c in SEQUENTIAL if "elu" not in c.id]  # BackPACK's KFLR has no ELU rule
-WITH_LINEAR = [c for c in CASES if not c.id.startswith("einsum_net")]
+# layers on 2-d inputs (a weight shared over positions is exact only in special cases: tested below)
+WITH_LINEAR = [c for c in CASES if not c.id.startswith("einsum_net") and len(c.x_shape) == 2]
 
 
 def _assert_kflr_matches_backpack(model, lf, x, y) -> None:
@@ -196,3 +197,123 @@ def test_conv_kflr_matches_backpack(name):
     model = make().double()
     x, y = torch.randn(shape, dtype=torch.float64), torch.randint(0, 4, (shape[0],))
     _assert_kflr_matches_backpack(model, nn.CrossEntropyLoss(), x, y)
+
+
+# --- weights shared over positions: expand and reduce (Eschenhagen et al. 2023) ---------------
+
+class _Sequence(nn.Module):
+    """Two linear layers applied at every position of a sequence, a per-token loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 4), nn.Linear(4, 3)
+
+    def forward(self, x):  # (N, T, 3) -> (N, 3, T)
+        return self.b(torch.tanh(self.a(x))).transpose(1, 2)
+
+
+def _layer_ggn(model, lf, x, y, layer):
+    """G_z = J^T (d2L/df2) J with J the Jacobian of the model output w.r.t. the layer's output z
+    (torch.func, float64): shape z.shape + z.shape. Also returns the layer's input."""
+    from torch.func import hessian, jacrev
+
+    store = {}
+
+    def run(delta):
+        def hook(m, inp, out):
+            store["x"] = inp[0].detach()
+            return out + delta
+        h = layer.register_forward_hook(hook)
+        try:
+            return model(x)
+        finally:
+            h.remove()
+
+    zero = torch.zeros(_layer_out_shape(model, x, layer), dtype=x.dtype if x.is_floating_point() else torch.float64)
+    f = run(zero).detach()
+    J = jacrev(run)(zero).reshape(f.numel(), zero.numel())
+    H = hessian(lambda v: lf(v.reshape(f.shape), y))(f.flatten())
+    G = (J.T @ H @ J).reshape(zero.shape + zero.shape)
+    return G, store["x"]
+
+
+def _layer_out_shape(model, x, layer):
+    shape = {}
+
+    def hook(m, i, o):
+        shape["s"] = tuple(o.shape)
+
+    h = layer.register_forward_hook(hook)
+    with torch.no_grad():
+        model(x)
+    h.remove()
+    return shape["s"]
+
+
+def _linear_factors(G, x, approx):
+    """Reference factors of a linear layer on (N, T, I) inputs from the layer GGN (N,T,O,N,T,O)."""
+    N, T = x.shape[:2]
+    if approx == "expand":
+        Bf = torch.einsum("ntonTp->op", G * torch.eye(T, dtype=G.dtype)[None, :, None, None, :, None]
+                          * torch.eye(N, dtype=G.dtype)[:, None, None, :, None, None])
+        return Bf, torch.einsum("nti,ntj->ij", x, x) / (N * T)
+    Bf = torch.einsum("ntomsp->op", G * torch.eye(N, dtype=G.dtype)[:, None, None, :, None, None])
+    xm = x.mean(1)
+    return Bf, xm.T @ xm / N
+
+
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+def test_sequence_factors_match_their_definition(approx):
+    torch.manual_seed(0)
+    model = _Sequence().double()
+    x = torch.randn(3, 4, 3, dtype=torch.float64)
+    y = torch.randint(0, 3, (3, 4))
+    lf = nn.CrossEntropyLoss()
+    got = hogc.compile(model, "kflr", loss=lf, kfac_approx=approx)(x, y)
+    default = hogc.compile(model, "kflr", loss=lf)(x, y)
+    for name, layer in (("a", model.a), ("b", model.b)):
+        G, xin = _layer_ggn(model, lf, x, y, layer)
+        Bw, Aw = _linear_factors(G, xin, approx)
+        close(got[f"{name}.weight"][0], Bw)
+        close(got[f"{name}.weight"][1], Aw)
+        close(got[f"{name}.bias"][0], Bw)
+        if approx == "expand":  # the default for weights shared over a sequence
+            close(default[f"{name}.weight"][1], Aw)
+
+
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+def test_convolution_factors_kfc_and_kfac_reduce(approx):
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(12, 3)).double()
+    x, y = torch.randn(3, 2, 4, 4, dtype=torch.float64), torch.randint(0, 3, (3,))
+    lf = nn.CrossEntropyLoss()
+    got = hogc.compile(model, "kflr", loss=lf, kfac_approx=approx)(x, y)
+    G, xin = _layer_ggn(model, lf, x, y, model[0])
+    N, Co = G.shape[:2]
+    P = G.shape[2] * G.shape[3]
+    G = G.reshape(N, Co, P, N, Co, P)
+    U = F.unfold(xin, 3, padding=1, stride=2)  # (N, C_in * 9, P)
+    eyeN = torch.eye(N, dtype=G.dtype)[:, None, None, :, None, None]
+    if approx == "expand":
+        Bw = torch.einsum("nopmqr->oq", G * eyeN * torch.eye(P, dtype=G.dtype)[None, None, :, None, None, :])
+        Aw = torch.einsum("nip,njp->ij", U, U) / (N * P)
+    else:
+        Bw = torch.einsum("nopmqr->oq", G * eyeN)
+        Um = U.mean(2)
+        Aw = Um.T @ Um / N
+    close(got["0.weight"][0], Bw)
+    close(got["0.weight"][1], Aw)
+    close(got["0.bias"][0], Bw)
+    # the 2-d linear head: every approximation is the same
+    base = hogc.compile(model, "kflr", loss=lf)(x, y)
+    for f1, f2 in zip(got["3.weight"], base["3.weight"]):
+        close(f1, f2)
+
+
+def test_kfac_approx_is_checked():
+    with pytest.raises(hogc.HogcError, match="unknown kfac_approx 'mean'"):
+        hogc.compile(nn.Linear(2, 2), "kflr", kfac_approx="mean")
+    with pytest.raises(hogc.HogcError, match="only applies to the kflr and kfac"):
+        hogc.compile(nn.Linear(2, 2), "ggn_diag", kfac_approx="reduce")

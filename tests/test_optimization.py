@@ -79,3 +79,24 @@ def test_fusion_and_paths_never_change_a_number(case):
     assert want.keys() == got.keys()
     for k in want:
         close(got[k], want[k], rel=1e-12)
+
+
+@pytest.mark.parametrize("quantity", ["ggn_diag", "sum_grad_squared", "batch_l2", "batch_ggn_diag"])
+def test_blocked_squares_equal_the_reference(monkeypatch, quantity):
+    """block_squares cuts a sum of squares of a large product into per-sample blocks (summed
+    blocks add up, kept ones concatenate); with a tiny block size every such square is cut."""
+    import hogc.passes.blocking as blocking
+    from hogc.zoo import c3d3
+
+    from .reference import Reference
+
+    monkeypatch.setattr(blocking, "BLOCK_BYTES", 2048)
+    torch.manual_seed(0)
+    model = c3d3(3, (3, 4, 4), (6, 5), 4, size=16).double()
+    x, y = torch.randn(5, 3, 16, 16, dtype=torch.float64), torch.randint(0, 4, (5,))
+    fn = hogc.compile(model, quantity)
+    got = fn(x, y)
+    assert any("(blocks)" in " ".join(n.sliced) for n in fn.explain().networks)
+    want = getattr(Reference(model, nn.CrossEntropyLoss(), x, y), quantity)()
+    for k in want:
+        close(got[k], want[k], rel=1e-10)

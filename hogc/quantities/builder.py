@@ -37,6 +37,7 @@ class DerivativeBuilder:
         self.partition: list[list[str]] | None = None  # subsets of parameter names (partition quantities)
         self.direction_given = False  # partition direction: INPUTs of role 'direction' (else the gradient)
         self.partition_strategy = "auto"  # 'dense', 'unrolled' or 'auto' (by device_type)
+        self.kfac_approx: str | None = None  # Kronecker factors over shared positions: expand or reduce
         self.device_type = "cpu"  # where the program will run
         self.N = output.shape[output.sample_axis()]
         self.sample = output.indices[output.sample_axis()]
@@ -105,9 +106,10 @@ class DerivativeBuilder:
 
     @cached_property
     def linear_maps(self) -> dict[str, tuple[str, Node, Node | None]]:
-        """Parameters used once in a linear map ``z_{no} = W_{oi} x_{ni} (+ b_o)`` (``F.linear``, or
-        ``x @ W.T``): name -> ("weight", z, x) or ("bias", z + b, None). A bias factor uses the
-        cotangent of ``z + b`` itself: ``z`` may have other uses."""
+        """Parameters used once in a linear map ``z_{n...o} = W_{oi} x_{n...i} (+ b_o)`` (``F.linear``,
+        or ``x @ W.T``; ``...`` are positions the weight is shared over, as in a sequence): name ->
+        ("weight", z, x) or ("bias", z + b, None). A bias factor uses the cotangent of ``z + b``
+        itself: ``z`` may have other uses."""
         order, uses, names = self._forward_uses
 
         def weight(w: Node, sw: str) -> tuple[Node, str] | None:
@@ -121,17 +123,17 @@ class DerivativeBuilder:
         sites: dict[str, tuple[str, Node, Node | None]] = {}
         linear: set[int] = set()
         for z in order:
-            if z.op is Op.EINSUM and len(z.src) == 2 and z.ndim == 2 and z.sample_axis() == 0 and not z.arg.metric:
+            if z.op is Op.EINSUM and len(z.src) == 2 and z.ndim >= 2 and z.sample_axis() == 0 and not z.arg.metric:
                 (sx, sw), (x, w) = z.arg.inputs, z.src
                 found = weight(w, sw)
-                if found and x.ndim == 2 and x.sample_axis() == 0:
+                if found and x.ndim == z.ndim and x.sample_axis() == 0:
                     w, sw = found
-                    if sx[1] == sw[1] and z.arg.output == sx[0] + sw[0]:
+                    if sx[-1] == sw[1] and z.arg.output == sx[:-1] + sw[0] and len(set(sx)) == len(sx):
                         sites[names[w.uid]] = ("weight", z, x)
                         linear.add(z.uid)
             elif z.op is Op.ADD and z.src[0].uid in linear:
                 bias = z.src[1]
-                if bias.uid in names and uses[bias.uid] == 1 and bias.ndim == 1 and bias.shape == z.shape[1:]:
+                if bias.uid in names and uses[bias.uid] == 1 and bias.ndim == 1 and bias.shape == z.shape[-1:]:
                     sites[names[bias.uid]] = ("bias", z, None)
         return sites
 
@@ -198,7 +200,8 @@ class DerivativeBuilder:
 def derive(forward: Program, quantities: Sequence[str], spec: LossSpec, dtype: torch.dtype,
            param_shapes: dict[str, tuple[int, ...]], mc_samples: int = 1, top_k: int = 1,
            notes: dict[str, str] | None = None, partition: list[list[str]] | None = None,
-           direction_given: bool = False, device_type: str = "cpu", partition_strategy: str = "auto") -> Program:
+           direction_given: bool = False, device_type: str = "cpu", partition_strategy: str = "auto",
+           kfac_approx: str | None = None) -> Program:
     """The derivative program: forward program (indices inferred) -> one output per quantity and
     parameter (``"grad/0.weight"``) or per quantity (``"loss"``). Quantities share nodes.
 
@@ -215,6 +218,7 @@ def derive(forward: Program, quantities: Sequence[str], spec: LossSpec, dtype: t
     builder = DerivativeBuilder(out, target, params, spec, dtype, rng, mc_samples, top_k)
     builder.partition, builder.direction_given = partition, direction_given
     builder.device_type, builder.partition_strategy = device_type, partition_strategy
+    builder.kfac_approx = kfac_approx
     outputs: dict[str, Node] = {}
     for qname in quantities:
         q = get_quantity(qname)

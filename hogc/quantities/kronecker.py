@@ -13,44 +13,68 @@ from .builder import DerivativeBuilder
 from .registry import register_quantity
 
 
+#: How factors treat positions a weight is shared over (a sequence, a convolution's output
+#: positions); Eschenhagen et al. (2023), "Kronecker-Factored Approximate Curvature for Modern
+#: Neural Network Architectures". None: BackPACK's convention for convolutions, expand otherwise.
+KFAC_APPROX = ("expand", "reduce")
+
+
+def _output_factor(g: Node, o: int, approx: str) -> Node:
+    """B over the cotangent g (c, n, ...) with the output channel at axis o, the rest positions:
+    ``expand`` sums g g^T over columns, samples and positions; ``reduce`` (and BackPACK's
+    convolution convention) sums over positions first: (sum_t g_t)(sum_t g_t)^T."""
+    pos = [a for a in range(2, g.ndim) if a != o]
+    L = B.letters(g.ndim + 1 + len(pos))
+    s1 = L[:g.ndim]
+    fresh = dict(zip(pos, L[g.ndim + 1:])) if approx != "expand" else {}
+    s2 = "".join(L[g.ndim] if a == o else fresh.get(a, s1[a]) for a in range(g.ndim))
+    # summing positions is basis-dependent (a contraction with ones): metric letters
+    metric = "".join(s1[a] for a in pos) + "".join(fresh.values())
+    return B.einsum([s1, s2], s1[o] + L[g.ndim], [g, g], metric=metric, out_indices=(g.indices[o], g.indices[o]))
+
+
+def _input_factor(x: Node, feat: list[int], approx: str, N: int) -> Node:
+    """A over the input x (n, ...) with feature axes ``feat``, the rest positions (T of them):
+    ``expand``: sum_{n,t} x x^T / (N T); ``reduce``: sum_n (mean_t x)(mean_t x)^T / N; BackPACK's
+    convolution convention: sum_{n,t} x x^T / N. Feature axes flattened into one: (F, F)."""
+    pos = [a for a in range(1, x.ndim) if a not in feat]
+    T = math.prod(x.shape[a] for a in pos)
+    L = B.letters(x.ndim + len(feat) + (len(pos) if approx == "reduce" else 0))
+    s1 = L[:x.ndim]
+    fresh = iter(L[x.ndim:])
+    s2 = "".join(next(fresh) if (a in feat or (approx == "reduce" and a in pos)) else s1[a] for a in range(x.ndim))
+    out = "".join(s1[a] for a in feat) + "".join(s2[a] for a in feat)
+    metric = "".join(s1[a] for a in pos) + ("".join(s2[a] for a in pos) if approx == "reduce" else "")
+    A = B.einsum([s1, s2], out, [x, x], metric=metric)
+    scale = {"expand": 1.0 / (N * T), "reduce": 1.0 / (N * T * T)}.get(approx, 1.0 / N)
+    F = math.prod(x.shape[a] for a in feat)
+    return B.reshape(B.scale(A, scale), (F, F)) if len(feat) > 1 else B.scale(A, scale)
+
+
 def _kronecker(b: DerivativeBuilder, mc: bool) -> dict[str, Node]:
-    """Per parameter of a linear map, the factors (B, A) with B (x) A approximating its GGN block:
-    B = sum_{c,n} g_cn g_cn^T from the square-root backward pass (output side, lower-lower) and
-    A = mean_n x_n x_n^T (input side, upper-upper); a bias gets (B,). Keys ``"<name>/<k>"``."""
+    """Per parameter of a linear map or convolution, the factors (B, A) with B (x) A approximating
+    its GGN block: B from the square-root backward pass (output side, lower-lower), A from the
+    layer input (input side, upper-upper); a bias gets (B,). Keys ``"<name>/<k>"``. Over positions
+    a weight is shared over, ``b.kfac_approx`` picks expand or reduce (``KFAC_APPROX``)."""
     sites = b.linear_maps
     convs = b.conv_maps
     if not sites and not convs:
-        raise UnsupportedOpError("no parameter is used exactly once as the weight of a linear map on a 2-d "
-                                 "input (F.linear(x, W, b) or x @ W.T + b), so there are no Kronecker factors to "
-                                 "compute (weights shared over positions or layers arrive with the sequence work)")
+        raise UnsupportedOpError("no parameter is used exactly once as the weight of a linear map (F.linear(x, W, "
+                                 "b) or x @ W.T + b) or of a one-group convolution, so there are no Kronecker "
+                                 "factors to compute")
     cots = b.column_cotangents(mc, {f"z{k}": z for k, (_, z, _) in (sites | convs).items()})
     out = {}
-    for name, (kind, y, unfold) in convs.items():
-        # BackPACK's convention for convolutions (KFC with the bias's output factor):
-        # B = sum_{c,n} (sum_t g_t)(sum_t g_t)^T over positions t, A = sum_{n,t} u_t u_t^T / N
-        g = cots[f"z{name}"]  # (c, n, C_out, *positions)
-        npos = g.ndim - 3
-        L = B.letters(g.ndim + 1 + npos)
-        s, o2, t2 = L[:g.ndim], L[g.ndim], L[g.ndim + 1:]
-        # summing positions is basis-dependent (a contraction with ones): metric letters
-        out[f"{name}/0"] = B.einsum([s, s[:2] + o2 + t2], s[2] + o2, [g, g], metric=s[3:] + t2,
-                                    out_indices=(g.indices[2], g.indices[2]))
-        if kind == "conv_weight":  # unfold: (n, C_in, *taps, *positions)
-            d = (unfold.ndim - 2) // 2
-            n_in = math.prod(unfold.shape[1:2 + d])
-            M = B.letters(unfold.ndim + 1 + d)
-            u1, fresh = M[:unfold.ndim], M[unfold.ndim:]
-            u2 = u1[0] + fresh + u1[2 + d:]  # the same sample and positions, other (channel, taps)
-            A = B.einsum([u1, u2], u1[1:2 + d] + fresh, [unfold, unfold], metric=u1[2 + d:])
-            out[f"{name}/1"] = B.reshape(B.scale(A, 1.0 / b.N), (n_in, n_in))
-    for name, (kind, z, x) in sites.items():
-        g = cots[f"z{name}"]
-        o = g.indices[2]
-        out[f"{name}/0"] = B.einsum(["cno", "cnp"], "op", [g, g], out_indices=(o, o))
-        if kind == "weight":
-            i = x.indices[1]
-            a = B.einsum(["ni", "nj"], "ij", [x, x], out_indices=(i, i))
-            out[f"{name}/1"] = B.scale(a, 1.0 / b.N)
+    for name, (kind, z, x) in (sites | convs).items():
+        g = cots[f"z{name}"]  # (c, n, ...): linear (c, n, *positions, C_out), conv (c, n, C_out, *positions)
+        conv = kind.startswith("conv")
+        o = 2 if conv else g.ndim - 1
+        approx = b.kfac_approx or ("backpack" if conv else "expand")
+        out[f"{name}/0"] = _output_factor(g, o, approx)
+        if kind == "conv_weight":  # x is the unfolded input (n, C_in, *taps, *positions)
+            d = (x.ndim - 2) // 2
+            out[f"{name}/1"] = _input_factor(x, list(range(1, 2 + d)), approx, b.N)
+        elif kind == "weight":
+            out[f"{name}/1"] = _input_factor(x, [x.ndim - 1], approx, b.N)
     return out
 
 
@@ -110,6 +134,8 @@ def _kfra(b):
     out = {}
     for name, (kind, z, x) in b.linear_maps.items():
         zz = z if kind == "weight" else z.src[0]
+        if zz.ndim != 2:
+            continue  # weights shared over positions are off KFRA's chain
         if zz.uid not in M:
             continue
         out[f"{name}/0"] = M[zz.uid]

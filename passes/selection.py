@@ -89,8 +89,8 @@ SCATTER_BY_SLICES = False
 
 def _strided(sx: str, sp: str, out: str, x: Node, p: Node, kind: str, out_indices) -> Node | None:
     """A convolution pattern P[h, t, o] = [h == o s + t d - pad] (``Constant.pattern``) as strided
-    slices: gather = pad, then one slice of step s per tap t, stacked (im2col without index
-    lists); scatter (off by default) = each tap's slice placed back with step s and summed."""
+    views: gather = pad, then the windows of step s as one strided view (im2col without index
+    lists or copies); scatter (off by default) = each tap's slice placed back with step s and summed."""
     pat = p.arg.pattern if isinstance(p.arg, Constant) else None
     if pat is None or len(sp) != 3:
         return None
@@ -102,13 +102,19 @@ def _strided(sx: str, sp: str, out: str, x: Node, p: Node, kind: str, out_indice
     if kind == "gather" and h in sx and t in out and o in out:
         ax = sx.index(h)
         xp = B.pad(x, ax, pad, 1, total, _merged(total, "p")) if total != S else x
-        taps = []
-        for k in range(K):
-            sl = B.slice_(xp, ax, k * dil, k * dil + (O - 1) * stride + 1, stride,
-                          indices=xp.indices[:ax] + (_merged(O, "o"),) + xp.indices[ax + 1:])
-            taps.append(B.unsqueeze(sl, ax))
-        stacked = B.cat(taps, ax, indices=xp.indices[:ax] + (_merged(K, "t"), _merged(O, "o")) + xp.indices[ax + 1:])
+        stacked = Node(Op.WINDOWS, (xp,), (ax, K, dil, O, stride),
+                       xp.indices[:ax] + (_merged(K, "t"), _merged(O, "o")) + xp.indices[ax + 1:])
         letters = sx[:ax] + t + o + sx[ax + 1:]
+    elif kind == "gather" and o in sx and t in out and h in out and (K - 1) * dil >= pad:
+        # the transposed direction, R[.., h, t] = X[.., (h + pad - t d) / s] (zero where not whole):
+        # X spread with step s after (K - 1) d - pad zeros, its windows, taps reversed (one copy)
+        ax = sx.index(o)
+        span = S + (K - 1) * dil
+        xp = B.pad(x, ax, (K - 1) * dil - pad, stride, span, _merged(span, "p"))
+        win = Node(Op.WINDOWS, (xp,), (ax, K, dil, S, 1),
+                   xp.indices[:ax] + (_merged(K, "t"), _merged(S, "h")) + xp.indices[ax + 1:])
+        stacked = B.index(win, ax, tuple(range(K - 1, -1, -1)), indices=win.indices)
+        letters = sx[:ax] + t + h + sx[ax + 1:]
     elif kind == "scatter" and t in sx and o in sx and h in out and SCATTER_BY_SLICES:
         at, ao = sx.index(t), sx.index(o)
         rest = [c for c in sx if c not in (t, o)]

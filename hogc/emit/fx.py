@@ -254,6 +254,11 @@ def _structural(g, node, args, gm):
     return _fn(g, _STRUCTURAL[node.op], args[0], *node.arg)
 
 
+@emitter(Op.WINDOWS)
+def _windows(g, node, args, gm):
+    return _fn(g, R.windows, args[0], *node.arg)
+
+
 @emitter(Op.GATHER)
 def _gather(g, node, args, gm):
     return _fn(g, R.gather, *args, node.arg)

@@ -2,8 +2,8 @@
 
 Every node that allocates holds ``numel * itemsize`` bytes from its emission until its last
 reader ran (the emitted code drops references right after their last use); views (reshape,
-permute, expand, slice) and in-place accumulations alias their source and keep it alive; a
-reshape of a permuted or expanded view is a copy. An einsum emitted as broadcast
+permute, expand, slice, windows) and in-place accumulations alias their source and keep it
+alive; a reshape of a permuted, expanded or windowed view is a copy. An einsum emitted as broadcast
 multiply-and-sum also holds its full product for the duration of the node, a matrix product
 the operand copies its flattening needs (``fx.einsum_transient``), and an elementwise
 derivative the temporaries of its expression (``elementwise.temporaries``). Inputs (parameters,
@@ -21,7 +21,7 @@ from .fx import accumulators, einsum_transient
 
 __all__ = ["MemoryEstimate", "predicted_peak", "VIEW_OPS"]
 
-VIEW_OPS = frozenset({Op.RESHAPE, Op.PERMUTE, Op.EXPAND, Op.SLICE})
+VIEW_OPS = frozenset({Op.RESHAPE, Op.PERMUTE, Op.EXPAND, Op.SLICE, Op.WINDOWS})
 _FREE = frozenset({Op.INPUT, Op.CONST})
 
 
@@ -41,7 +41,7 @@ def predicted_peak(program: Program, itemsize: int = 4) -> MemoryEstimate:
     size: dict[int, int] = {}
     for k, n in enumerate(nodes):
         # reshaping a permuted or expanded view copies it (torch.reshape cannot view it)
-        copies = n.op is Op.RESHAPE and n.src[0].op in (Op.PERMUTE, Op.EXPAND) and math.prod(n.shape) > 1
+        copies = n.op is Op.RESHAPE and n.src[0].op in (Op.PERMUTE, Op.EXPAND, Op.WINDOWS) and math.prod(n.shape) > 1
         alias = (n.op in VIEW_OPS and not copies) or n.uid in inplace
         base[n.uid] = base[n.src[0].uid] if alias else n.uid
         size[n.uid] = 0 if n.op in _FREE or alias else math.prod(n.shape) * itemsize

@@ -186,6 +186,14 @@ def index_add_dim(x: torch.Tensor, dim: int, index: tuple[int, ...], size: int) 
     return x.new_zeros(shape).index_add_(dim, torch.tensor(index, device=x.device), x)
 
 
+def windows(x: torch.Tensor, dim: int, taps: int, dil: int, outs: int, stride: int) -> torch.Tensor:
+    """Axis dim of x becomes (taps, outs), ``[.., t, o, ..] = x[.., t dil + o stride, ..]``: a
+    strided view (the im2col of one axis, no copy)."""
+    span = (taps - 1) * dil + 1
+    w = x.narrow(dim, 0, (outs - 1) * stride + span).unfold(dim, span, stride)  # (.., outs, .., span)
+    return w[..., ::dil].movedim(-1, dim)
+
+
 def gather(x: torch.Tensor, idx: torch.Tensor, dim: int) -> torch.Tensor:
     """torch.gather along ``dim`` (< 0) with ``idx`` broadcast right-aligned against the result."""
     shape = list(x.shape)
@@ -210,6 +218,13 @@ def conv(x: torch.Tensor, w: torch.Tensor, kind: str, stride, padding, dilation,
         fn = (torch.nn.grad.conv1d_weight, torch.nn.grad.conv2d_weight, torch.nn.grad.conv3d_weight)[d - 1]
         return fn(x, (w.shape[1], x.shape[1], *output_padding), w, stride, padding, dilation)
     if kind == "transposed":
+        k = w.shape[2:]
+        flip_pad = [dl * (kk - 1) - p for kk, p, dl in zip(k, padding, dilation)]
+        if all(st == 1 for st in stride) and not any(output_padding) and min(flip_pad) >= 0:
+            # stride 1: a forward convolution with the flipped kernel (2-3x faster on CPU than torch's
+            # conv_transpose, which goes through the col2im path)
+            fn = (F.conv1d, F.conv2d, F.conv3d)[d - 1]
+            return fn(x, w.transpose(0, 1).flip(list(range(2, 2 + d))), None, 1, flip_pad, dilation)
         fn = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[d - 1]
         return fn(x, w, None, stride, padding, output_padding, 1, dilation)
     fn = (F.conv1d, F.conv2d, F.conv3d)[d - 1]

@@ -50,6 +50,9 @@ class Op(Enum):
     CONV = auto()  # arg: (kind, stride, padding, dilation, output_padding); src (x, w): a convolution kernel
     # call (kind forward, transposed, or weight: src (x, output grad)), introduced by scheduling for an
     # index-pattern network (never differentiated)
+    WINDOWS = auto()  # arg: (dim, taps, dilation, outputs, stride): axis dim of x becomes (taps, outputs) with
+    # result[.., t, o, ..] = x[.., t dilation + o stride, ..]: a strided view (im2col without copying),
+    # introduced by scheduling (never differentiated)
 
     # --- losses (the boundary where the GGN splits) ---------------------------
     LOSS = auto()  # arg: LossSpec; src: (output, target); the scalar loss
@@ -63,4 +66,4 @@ LOSS_OPS = frozenset({Op.LOSS, Op.LOSS_GRAD, Op.LOSS_SQRT_HESSIAN, Op.LOSS_SQRT_
                       Op.LOSS_SQRT_HESSIAN_JVP})
 LEAF_OPS = frozenset({Op.INPUT, Op.CONST})
 #: Ops that only finish a derivative program and are never differentiated.
-TERMINAL_OPS = frozenset({Op.EIGVALSH, Op.CONV})
+TERMINAL_OPS = frozenset({Op.EIGVALSH, Op.CONV, Op.WINDOWS})

@@ -94,6 +94,11 @@ def _check_shape(node: Node, names) -> None:  # noqa: C901 (a table would be lon
              and all(d in (1, v.shape[k - idx.ndim]) for k, d in enumerate(idx.shape)), "scatter_add shape")
     elif op is Op.CAT:
         need(sum(x.shape[a] for x in src) == shape[a], "cat sizes")
+    elif op is Op.WINDOWS:
+        dim, K, dil, O, stride = a
+        x = src[0]
+        need(x.shape[dim] >= (K - 1) * dil + (O - 1) * stride + 1
+             and shape == x.shape[:dim] + (K, O) + x.shape[dim + 1:], "windows shape")
     elif op is Op.NONDIFF:
         from .nondiff import NONDIFF_FUNCTIONS
         need(a[0] in NONDIFF_FUNCTIONS and NONDIFF_FUNCTIONS[a[0]].shape(a[1], src[0].shape) == shape,

@@ -23,16 +23,6 @@ __all__ = ["block_squares", "BLOCK_BYTES"]
 BLOCK_BYTES = 8 * 2**20
 
 
-def _uses(program: Program) -> dict[int, int]:
-    uses: dict[int, int] = {}
-    for n in program.nodes:
-        for s in n.src:
-            uses[s.uid] = uses.get(s.uid, 0) + 1
-    for o in program.outputs.values():
-        uses[o.uid] = uses.get(o.uid, 0) + 1
-    return uses
-
-
 def _square_of_product(node: Node, uses: dict[int, int], itemsize: int) -> tuple[Node, int, int] | None:
     """(V, axis of V to cut, block size) when ``node`` sums squares of a large product V."""
     if node.op is not Op.EINSUM or len(node.src) != 2 or node.src[0] is not node.src[1]:
@@ -86,7 +76,7 @@ def _blocked(node: Node, V: Node, k: int, block: int) -> Node:
 
 def block_squares(program: Program, itemsize: int = 4) -> Program:
     """Cut every sum of squares of a product larger than ``BLOCK_BYTES`` into blocks (see module)."""
-    uses = _uses(program)
+    uses = program.use_counts()
     new: dict[int, Node] = {}
     cut: dict[int, str] = {}
     for node in program.nodes:

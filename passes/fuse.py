@@ -168,12 +168,7 @@ def fuse_einsums(program: Program, merge_squares: bool = True) -> Program:
     Returns:
         An equivalent program whose einsums are tensor networks over the original operands.
     """
-    uses: dict[int, int] = {}
-    for n in program.nodes:
-        for s in n.src:
-            uses[s.uid] = uses.get(s.uid, 0) + 1
-    for out in program.outputs.values():
-        uses[out.uid] = uses.get(out.uid, 0) + 1
+    uses = program.use_counts()
     new: dict[int, Node] = {}
     for node in program.nodes:
         src = tuple(new[s.uid] for s in node.src)

@@ -58,10 +58,7 @@ def accumulators(program: Program) -> set[int]:
     """ADD nodes that may run in place on their first operand: it is a fresh result (a pairwise
     contraction or another accumulation) of the same shape, read by nothing else and not
     returned. Summed slices then accumulate into one buffer."""
-    users: dict[int, int] = {}
-    for n in program.nodes:
-        for s in n.src:
-            users[s.uid] = users.get(s.uid, 0) + 1
+    users = program.use_counts(outputs=False)
     outs = {o.uid for o in program.outputs.values()}
     acc: set[int] = set()
     for n in program.nodes:

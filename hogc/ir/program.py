@@ -50,6 +50,17 @@ class Program:
     def inputs(self, role: str | None = None) -> list[Node]:
         return [n for n in self.nodes if n.op is Op.INPUT and (role is None or n.arg[0] == role)]
 
+    def use_counts(self, outputs: bool = True) -> dict[int, int]:
+        """How often each node (by uid) is read, by nodes and (with ``outputs``) as a result."""
+        uses: dict[int, int] = {}
+        for n in self.nodes:
+            for s in n.src:
+                uses[s.uid] = uses.get(s.uid, 0) + 1
+        if outputs:
+            for o in self.outputs.values():
+                uses[o.uid] = uses.get(o.uid, 0) + 1
+        return uses
+
     def users(self) -> dict[int, list[Node]]:
         out: dict[int, list[Node]] = {id(n): [] for n in self.nodes}
         for n in self.nodes:

@@ -6,10 +6,11 @@ spatial axis (``Constant.pattern`` holds (s, p, d)). When the data carries the p
 positions h and the result its output positions o, the network is ``conv{d}d``; when the data
 carries o and the result h, it is ``conv_transpose{d}d``. Extra letters of the data that the
 result keeps (samples, loss-Hessian columns, tangents) fold into the kernel's batch axis. When
-one operand carries h, the other o and the result the taps k, summing every shared letter, the
-network is a batch weight gradient (``conv{d}d_weight``, torch's convolution backward). Any
-other network with patterns (per-sample weight gradients and products) is left to the path
-search, whose selection steps make it im2col + GEMM (``passes/selection.py``).
+one operand carries h, the other o and the result the taps k, the network is a weight gradient
+(``conv{d}d_weight``, torch's convolution backward): shared letters the result drops fold into
+the batch axis, those it keeps (per-sample gradients) become groups, up to ``GROUPED_MAX``
+result elements. Any other network with patterns (products, large per-column factors) is left
+to the path search, whose selection steps make it im2col + GEMM (``passes/selection.py``).
 """
 from __future__ import annotations
 
@@ -109,7 +110,7 @@ def _build(node, x, d, w, ws, specs, batch, cin, cout, src_sp, dst_sp, transpose
             out_pad.append(0)
     shape = (nb, sizes[cout]) + tuple(sizes[c] for c in dst_sp)
     y = Node(Op.CONV, (xd, wk), ("transposed" if transposed else "forward", stride, padding, dilation,
-                                 tuple(out_pad)),
+                                 tuple(out_pad), 1),
              tuple(_axis(n, f"y{i}") for i, n in enumerate(shape)))
     full = [c for c in batch] + [cout] + dst_sp
     y = B.reshape(y, tuple(sizes[c] for c in full), tuple(_axis(sizes[c], f"f{i}") for i, c in enumerate(full)))
@@ -118,8 +119,15 @@ def _build(node, x, d, w, ws, specs, batch, cin, cout, src_sp, dst_sp, transpose
     return B.reshape(y, node.shape, node.indices)
 
 
+#: Per-sample weight gradients as one grouped convolution backward only up to this many result
+#: elements; larger ones (per-column GGN factors) are left to im2col + GEMM, which block_squares
+#: can cut into cache-sized blocks.
+GROUPED_MAX = 2**21
+
+
 def _weight_gradient(node: Node, operands, specs, sizes, unit) -> Node | None:
-    """``x[B, cin, h] P[h, k, o] g[B, cout, o] -> [cout, cin, k]`` (any order, B summed)."""
+    """``x[B, cin, h] P[h, k, o] g[B, cout, o] -> [B', cout, cin, k]`` (any order): the letters B
+    summed fold into the kernel's batch axis, those kept (B', per-sample gradients) become groups."""
     eq: Einsum = node.arg
     H, T, O = ([sp[i] for sp in specs] for i in range(3))
     out = set(eq.output) - unit
@@ -130,27 +138,32 @@ def _weight_gradient(node: Node, operands, specs, sizes, unit) -> Node | None:
         batch = [c for c in xl if c in gl]
         cin = [c for c in xl if c not in gl and c not in H]
         cout = [c for c in gl if c not in xl and c not in O]
-        if len(cin) != 1 or len(cout) != 1 or set(batch) & out or out != set(T) | set(cin) | set(cout):
+        kept = [c for c in batch if c in out]
+        summed = [c for c in batch if c not in out]
+        if len(cin) != 1 or len(cout) != 1 or out != set(T) | set(cin) | set(cout) | set(kept):
             continue
+        if kept and math.prod(sizes[c] for c in out) > GROUPED_MAX:
+            return None
         for sp in specs:  # every output position must come from the kernel's own size formula
             s, p, dl = sp[3]
             if (sizes[sp[0]] + 2 * p - dl * (sizes[sp[1]] - 1) - 1) // s + 1 != sizes[sp[2]]:
                 return None
-        nb = math.prod(sizes[c] for c in batch)
+        ns, nk = math.prod(sizes[c] for c in summed), math.prod(sizes[c] for c in kept)
 
         def flat(v, vs, chans, sp, tag):
-            order = batch + chans + sp
-            shape = (nb, sizes[chans[0]]) + tuple(sizes[c] for c in sp)
+            order = summed + kept + chans + sp
+            shape = (ns, nk * sizes[chans[0]]) + tuple(sizes[c] for c in sp)
             v = B.permute(_squeezed(v, vs, sizes), [_letters(vs, sizes).index(c) for c in order])
             return B.reshape(v, shape, tuple(_axis(n, f"{tag}{i}") for i, n in enumerate(shape)))
 
         xd, gd = flat(x, xs, cin, H, "x"), flat(g, gs, cout, O, "g")
-        full = cout + cin + T
-        shape = tuple(sizes[c] for c in full)
+        taps = tuple(sizes[c] for c in T)  # the fifth slot: kernel size (output_padding of the other kinds)
         stride, padding, dilation = (tuple(sp[3][i] for sp in specs) for i in range(3))
-        taps = tuple(sizes[c] for c in T)  # the last slot: kernel size (output_padding of the other kinds)
-        y = Node(Op.CONV, (xd, gd), ("weight", stride, padding, dilation, taps),
+        shape = (nk * sizes[cout[0]], sizes[cin[0]]) + taps
+        y = Node(Op.CONV, (xd, gd), ("weight", stride, padding, dilation, taps, nk),
                  tuple(_axis(n, f"w{i}") for i, n in enumerate(shape)))
+        full = kept + cout + cin + T
+        y = B.reshape(y, tuple(sizes[c] for c in full), tuple(_axis(sizes[c], f"v{i}") for i, c in enumerate(full)))
         y = B.permute(y, [full.index(c) for c in eq.output if sizes[c] != 1])
         return B.reshape(y, node.shape, node.indices)
     return None
@@ -171,7 +184,7 @@ def conv_flops(y: Node) -> int:
     """Multiply-adds (x2) of a CONV node: every output element sums cin x taps products."""
     x, w = y.src
     if y.arg[0] == "weight":  # every weight entry sums batch x output positions products
-        return 2 * math.prod(y.shape) * math.prod(w.shape) // w.shape[1]
+        return 2 * math.prod(y.shape) * w.shape[0] * math.prod(w.shape[2:])
     if y.arg[0] == "transposed":  # each input element scatters cout x taps products
         return 2 * math.prod(x.shape) * math.prod(w.shape) // w.shape[0]
     return 2 * math.prod(y.shape) * math.prod(w.shape) // w.shape[0]

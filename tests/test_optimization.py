@@ -86,11 +86,13 @@ def test_blocked_squares_equal_the_reference(monkeypatch, quantity):
     """block_squares cuts a sum of squares of a large product into per-sample blocks (summed
     blocks add up, kept ones concatenate); with a tiny block size every such square is cut."""
     import hogc.passes.blocking as blocking
+    import hogc.passes.conv as conv
     from hogc.zoo import c3d3
 
     from .reference import Reference
 
     monkeypatch.setattr(blocking, "BLOCK_BYTES", 2048)
+    monkeypatch.setattr(conv, "GROUPED_MAX", 0)  # per-sample weight gradients through im2col + GEMM
     torch.manual_seed(0)
     model = c3d3(3, (3, 4, 4), (6, 5), 4, size=16).double()
     x, y = torch.randn(5, 3, 16, 16, dtype=torch.float64), torch.randint(0, 4, (5,))

@@ -227,6 +227,13 @@ def test_convolution_networks_become_convolution_kernels():
     ref = Reference(model, lf, x, y).grad()
     for k in ref:
         close(got[k], ref[k])
+    per_sample = hogc.compile(model, "batch_grad", loss=lf)  # per-sample weight gradients: grouped kernels
+    got = per_sample(x, y)
+    assert any(n.arg[0] == "weight" and n.arg[5] == x.shape[0] for n in per_sample._require().program.nodes
+               if n.op is Op.CONV)
+    ref = Reference(model, lf, x, y).batch_grad()
+    for k in ref:
+        close(got[k], ref[k])
     naive = hogc.compile(model, "grad", loss=lf, optimize="naive")  # contracts exactly what the passes wrote
     naive(x, y)
     assert not any(n.op is Op.CONV for n in naive._require().program.nodes)

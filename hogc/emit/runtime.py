@@ -209,14 +209,14 @@ def scatter_add(v: torch.Tensor, idx: torch.Tensor, dim: int, size: int) -> torc
 
 
 def conv(x: torch.Tensor, w: torch.Tensor, kind: str, stride, padding, dilation,
-         output_padding) -> torch.Tensor:
+         output_padding, groups: int = 1) -> torch.Tensor:
     """A convolution over len(stride) spatial axes, no bias: ``forward``, ``transposed``, or
-    ``weight`` (the batch weight gradient of a forward convolution of x with output gradient w;
-    ``output_padding`` holds the kernel size then)."""
+    ``weight`` (the weight gradient of a forward convolution of x with output gradient w, in
+    ``groups`` groups; ``output_padding`` holds the kernel size then)."""
     d = len(stride)
     if kind == "weight":
         fn = (torch.nn.grad.conv1d_weight, torch.nn.grad.conv2d_weight, torch.nn.grad.conv3d_weight)[d - 1]
-        return fn(x, (w.shape[1], x.shape[1], *output_padding), w, stride, padding, dilation)
+        return fn(x, (w.shape[1], x.shape[1] // groups, *output_padding), w, stride, padding, dilation, groups)
     if kind == "transposed":
         k = w.shape[2:]
         flip_pad = [dl * (kk - 1) - p for kk, p, dl in zip(k, padding, dilation)]

@@ -47,9 +47,9 @@ class Op(Enum):
 
     # --- linear algebra on finished results ------------------------------------
     EIGVALSH = auto()  # arg: k; the k largest eigenvalues of a symmetric matrix, descending
-    CONV = auto()  # arg: (kind, stride, padding, dilation, output_padding); src (x, w): a convolution kernel
-    # call (kind forward, transposed, or weight: src (x, output grad)), introduced by scheduling for an
-    # index-pattern network (never differentiated)
+    CONV = auto()  # arg: (kind, stride, padding, dilation, output_padding, groups); src (x, w): a convolution
+    # kernel call (kind forward, transposed, or weight: src (x, output grad), kernel size in place of
+    # output_padding), introduced by scheduling for an index-pattern network (never differentiated)
     WINDOWS = auto()  # arg: (dim, taps, dilation, outputs, stride): axis dim of x becomes (taps, outputs) with
     # result[.., t, o, ..] = x[.., t dilation + o stride, ..]: a strided view (im2col without copying),
     # introduced by scheduling (never differentiated)

@@ -1,6 +1,8 @@
 """Kronecker factors (KFLR exact, KFAC Monte-Carlo) against BackPACK and against the GGN block."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -317,3 +319,50 @@ def test_kfac_approx_is_checked():
         hogc.compile(nn.Linear(2, 2), "kflr", kfac_approx="mean")
     with pytest.raises(hogc.HogcError, match="only applies to the kflr and kfac"):
         hogc.compile(nn.Linear(2, 2), "ggn_diag", kfac_approx="reduce")
+
+
+def kronecker_reference(model, lf, x, y, name, approx):
+    """(B, A) of the layer owning parameter ``name`` from the layer-output GGN (torch.func):
+    linear layers over positions (expand unless ``approx='reduce'``) and one-group convolutions
+    (BackPACK's convention unless ``approx`` is given: KFC = expand, KFAC-reduce)."""
+    import torch.nn.functional as F
+
+    layer = model.get_submodule(name.rpartition(".")[0])
+    G, xin = _layer_ggn(model, lf, x, y, layer)
+    N = G.shape[0]
+    eyeN = torch.eye(N, dtype=G.dtype)
+    if isinstance(layer, nn.Linear):
+        O, I = layer.out_features, layer.in_features
+        T = math.prod(G.shape[1:G.ndim // 2 - 1])
+        return _linear_factors(G.reshape(N, T, O, N, T, O), xin.reshape(N, T, I), approx or "expand")
+    Co = layer.out_channels
+    P = math.prod(G.shape[2:G.ndim // 2])
+    G = G.reshape(N, Co, P, N, Co, P) * eyeN[:, None, None, :, None, None]
+    U = F.unfold(xin, layer.kernel_size, layer.dilation, layer.padding, layer.stride)
+    if approx == "expand":
+        Bf = torch.einsum("nopmqr->oq", G * torch.eye(P, dtype=G.dtype)[None, None, :, None, None, :])
+        return Bf, torch.einsum("nip,njp->ij", U, U) / (N * P)
+    Bf = torch.einsum("nopmqr->oq", G)
+    if approx == "reduce":
+        Um = U.mean(2)
+        return Bf, Um.T @ Um / N
+    return Bf, torch.einsum("nip,njp->ij", U, U) / N
+
+
+@pytest.mark.parametrize("approx", [None, "reduce"])
+@pytest.mark.parametrize("zoo", __import__("tests.test_zoo", fromlist=["ZOO"]).ZOO, ids=lambda z: z.id)
+def test_zoo_kronecker_factors_match_their_definition(zoo, approx):
+    """kflr on every zoo model: each factored layer (convolutions, linear layers, the
+    transformer's layers over its sequence) against the layer-output GGN."""
+    from hogc.zoo import TinyGPT
+
+    model, lf, x, y = zoo.data()
+    got = hogc.compile(model, "kflr", loss=lf, kfac_approx=approx)(x, y)
+    if isinstance(model, TinyGPT):
+        model.set_fused(False)
+    weights = [k for k in got if k.endswith(".weight")]
+    assert weights, "no factored layer"
+    for name in weights:
+        Bw, Aw = kronecker_reference(model, lf, x, y, name, approx)
+        close(got[name][0], Bw)
+        close(got[name][1], Aw)

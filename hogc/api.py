@@ -22,7 +22,22 @@ from .ir import Program, format_program
 from .quantities import derive, get_quantity
 from .quantities.partition import PARTITION_STRATEGIES
 
-__all__ = ["compile", "CompiledFunction"]
+__all__ = ["compile", "CompiledFunction", "BACKENDS"]
+
+#: how the emitted program runs: as emitted, handed to torch.compile (Inductor), or Inductor on CUDA only
+BACKENDS = ("eager", "inductor", "auto")
+
+
+def _backend(gm: torch.fx.GraphModule, backend: str, device_type: str, random: bool):
+    """(what a call runs, the explanation line) for ``backend`` on ``device_type``."""
+    if backend == "eager" or (backend == "auto" and device_type != "cuda"):
+        why = "eager: the emitted GraphModule as is" + (" ('auto' on the CPU)" if backend == "auto" else "")
+        return gm, why
+    # a program drawing from a torch.Generator (Monte-Carlo columns, dropout masks) runs the draws
+    # outside the compiled graphs (Dynamo cannot trace a Generator): graph breaks there only
+    compiled = torch.compile(gm, backend="inductor", fullgraph=not random, dynamic=False)
+    return compiled, ("inductor: torch.compile(fullgraph=True, dynamic=False) of the emitted GraphModule"
+                      if not random else "inductor: torch.compile(dynamic=False); the random draws break the graph")
 
 
 @dataclass
@@ -35,6 +50,11 @@ class _Specialization:
     notes: dict[str, str]  # the strategy each quantity chose and why
     itemsize: int = 4  # bytes per element of the program's floating dtype
     coupled: bool = False  # the model couples its samples: the batch is one sample, y gets a leading 1
+    run: object = None  # what a call runs: gm itself (eager) or its torch.compile'd version (inductor)
+
+    def __post_init__(self):
+        if self.run is None:
+            self.run = self.gm
 
 
 class CompiledFunction:
@@ -44,7 +64,8 @@ class CompiledFunction:
                  mc_samples: int, seed: int | None, generator: torch.Generator | None, optimize: str,
                  verify: bool | None, top_k: int = 1, memory_budget: int | None = None,
                  partition: list[list[str]] | None = None, direction: dict | None = None,
-                 allow_partial: bool = False, partition_strategy: str = "auto", kfac_approx: str | None = None):
+                 allow_partial: bool = False, partition_strategy: str = "auto", kfac_approx: str | None = None,
+                 backend: str = "eager"):
         self.model, self.quantities, self.single = model, tuple(quantities), single
         self.loss, self.spec = loss, loss_spec(loss)
         self.mc_samples, self.seed, self.generator = mc_samples, seed, generator
@@ -53,6 +74,7 @@ class CompiledFunction:
         self.partition, self.direction, self.allow_partial = partition, direction, allow_partial
         self.partition_strategy = partition_strategy
         self.kfac_approx = kfac_approx
+        self.backend = backend
         self.takes_vector = any(get_quantity(q).takes_vector for q in self.quantities)
         self._cache: dict[tuple, _Specialization] = {}
         self._last: _Specialization | None = None
@@ -107,9 +129,10 @@ class CompiledFunction:
         inputs = [i for i in order if i in used or i[0] in ("data", "target")]
         _check_fits(program, x, self.optimize, self.memory_budget, itemsize)
         gm = emit(program, inputs).to(x.device)  # captured constants follow the inputs
+        run, notes["backend"] = _backend(gm, self.backend, x.device.type, ("rng", "generator") in inputs)
         classes = out.shape[1] if self.spec.kind == "cross_entropy" else None
-        notes = {k: v for k, v in notes.items() if k in self.quantities or k == "samples"}
-        return _Specialization(program, unopt, gm, inputs, classes, notes, itemsize, coupled)
+        notes = {k: v for k, v in notes.items() if k in self.quantities or k in ("samples", "backend")}
+        return _Specialization(program, unopt, gm, inputs, classes, notes, itemsize, coupled, run)
 
     def _coupled(self, captured: Program, err: SampleMixingError, notes: dict[str, str]) -> Program:
         """A model that couples its samples (train-mode BatchNorm, a mean over the batch): batch
@@ -153,6 +176,13 @@ class CompiledFunction:
                 trainable parameters.
             generator: random draws of Monte-Carlo quantities (overrides ``seed``/``generator`` of compile).
         """
+        spec, args = self._arguments(x, y, v, generator)
+        with torch.no_grad():
+            flat = spec.run(*args)
+        return self._assemble(flat, spec)
+
+    def _arguments(self, x, y, v=None, generator=None) -> tuple[_Specialization, list]:
+        """The specialization for these inputs and the program's positional arguments."""
         named = list(self.model.named_parameters())
         if self.partition is not None:
             self._check_partition(named)
@@ -171,9 +201,7 @@ class CompiledFunction:
             values.update(self._vector(self.direction, named, "direction", role="direction"))
         if ("rng", "generator") in spec.inputs:
             values[("rng", "generator")] = self._rng(x.device, generator)
-        with torch.no_grad():
-            flat = spec.gm(*[values[i] for i in spec.inputs])
-        return self._assemble(flat, spec)
+        return spec, [values[i] for i in spec.inputs]
 
     def _check_partition(self, named) -> None:
         """The partition was resolved at compile time: it must still fit the trainable parameters."""
@@ -307,7 +335,7 @@ def compile(model: nn.Module, quantity: str | Sequence[str] = "ggn_diag", loss: 
             optimize: str = "auto", memory_budget: int | None = None, verify: bool | None = None,
             top_k: int = 1, partition=None, direction: dict | None = None,
             allow_partial: bool = False, partition_strategy: str = "auto",
-            kfac_approx: str | None = None) -> CompiledFunction:
+            kfac_approx: str | None = None, backend: str = "eager") -> CompiledFunction:
     """Compile derivative quantities of ``loss(model(x), y)``.
 
     Args:
@@ -336,6 +364,10 @@ def compile(model: nn.Module, quantity: str | Sequence[str] = "ggn_diag", loss: 
             position one more sample: KFC for convolutions) or ``'reduce'`` (positions summed in
             the gradient and averaged in the input first: KFAC-reduce). Default: ``'expand'``, and
             BackPACK's convention for convolutions (positions summed in B, A summed over positions / N).
+        backend: ``'eager'`` (the emitted GraphModule as is), ``'inductor'`` (handed to
+            ``torch.compile``: elementwise chains and reductions fuse into C++ kernels on the CPU,
+            Triton kernels on CUDA; compiling takes seconds to minutes, once per specialization)
+            or ``'auto'`` (inductor on CUDA, eager elsewhere).
         memory_budget: bytes; slice contractions (loop over indices, summing or concatenating the
             chunks) until the predicted peak memory of the program fits (``fn.explain()`` shows it).
         verify: run the IR verifier after every pass (default: ``HOGC_VERIFY`` env var).
@@ -366,6 +398,8 @@ def compile(model: nn.Module, quantity: str | Sequence[str] = "ggn_diag", loss: 
     if memory_budget is not None and (isinstance(memory_budget, bool) or not isinstance(memory_budget, int)
                                       or memory_budget <= 0):
         raise HogcError(f"memory_budget must be a positive number of bytes (int), got {memory_budget!r}")
+    if backend not in BACKENDS:
+        raise HogcError(f"unknown backend {backend!r}; one of {BACKENDS}")
     from .quantities.kronecker import KFAC_APPROX
     if kfac_approx is not None and kfac_approx not in KFAC_APPROX:
         raise HogcError(f"unknown kfac_approx {kfac_approx!r}; one of {KFAC_APPROX} (or None)")
@@ -391,7 +425,7 @@ def compile(model: nn.Module, quantity: str | Sequence[str] = "ggn_diag", loss: 
     return CompiledFunction(model, names, single, loss if loss is not None else nn.CrossEntropyLoss(),
                             mc_samples, seed, generator, optimize, verify, top_k, memory_budget, parts,
                             None if direction is None else dict(direction), allow_partial, partition_strategy,
-                            kfac_approx)
+                            kfac_approx, backend)
 
 
 def resolve_partition(model: nn.Module, partition, allow_partial: bool = False) -> list[list[str]]:

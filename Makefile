@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.hogc-installed
 
-.PHONY: demo test bench schedules env clean
+.PHONY: demo test bench schedules peers env clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -30,6 +30,14 @@ bench: $(STAMP)
 schedules: $(STAMP)
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) benchmarks/schedules.py --threads 2
+
+# hogc against BackPACK, curvlinops, ASDL and torch.func: writes docs/peers.md and docs/peers.png.
+# The peers go in with --no-deps (their torch requirement would pull a GPU build), their own
+# pure-Python needs listed explicitly.
+peers: $(STAMP)
+	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) -m pip install -q --no-deps curvlinops-for-pytorch asdfghjkl scipy tqdm einconv linear_operator jaxtyping
+	cd benchmarks && ../$(PY) peers.py --threads 2 --inductor
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import math
 
+from hogc.passes.push_forward import push_forward
+
+from ..capture.losses import num_columns
 from ..errors import HogcError
-from ..ir import Index, Node, Op, Variance, build as B
+from ..ir import COLUMN, Index, Node, Op, Variance, build as B, dual
 from .builder import DerivativeBuilder, square_sum
 from .registry import MAX_ELEMENTS, register_quantity
 
@@ -82,17 +85,21 @@ def _ggn(b):
 
 @register_quantity("ggnvp", takes_vector=True)
 def _ggnvp(b):
-    """GGN times the vector v (dict keyed like the parameters): sum_n J_n^T H_n J_n v, matrix-free."""
-    u = None  # u_{cn} = sum_theta V_theta . v_theta: the columns applied to v (a Jacobian-vector product)
-    for k, v in b.sqrt_ggn.items():
-        L = B.letters(v.ndim)
-        t = B.einsum([L, L[2:]], L[:2], [v, b.vector[k]])
-        u = t if u is None else B.add(u, t)
-    out = {}
-    for k, v in b.sqrt_ggn.items():
-        L = B.letters(v.ndim)
-        out[k] = B.einsum([L[:2], L], L[2:], [u, v])
-    return out
+    """GGN times the vector v (dict keyed like the parameters): sum_n J_n^T H_n J_n v, matrix-free.
+    One forward-mode pass gives J v at the output, the loss Hessian's square root applies H = S S^T
+    to it, and one reverse pass brings H J v back: no per-column backward passes."""
+    s = Index("s", 1, "tangent", Variance.BATCH)
+    tangents = {b.params[k].uid: B.reshape(v, (1,) + v.shape, (s,) + v.indices) for k, v in b.vector.items()}
+    Jv = push_forward({"o": b.output}, tangents)["o"]  # (s, n, ...) at the model output
+    out_l = B.letters(b.output.ndim, 2)
+    c = Index("c", num_columns(b.spec, b.output.shape), COLUMN, Variance.BATCH)
+    S = Node(Op.LOSS_SQRT_HESSIAN, (b.output, b.target), b.spec, (c,) + dual(b.output.indices))
+    if Jv is None:
+        seed = B.scale(B.einsum(["a" + out_l], out_l, [S]), 0.0)
+    else:
+        u = B.einsum(["a" + out_l, "b" + out_l], "a" + out_l[0], [S, Jv])  # (c, n): S^T J v
+        seed = B.einsum(["a" + out_l, "a" + out_l[0]], out_l, [S, u])  # S S^T J v, a cotangent of the output
+    return {k: B.einsum([B.letters(p.ndim)], B.letters(p.ndim - 1, 1), [p]) for k, p in b._backprop(seed, ()).items()}
 
 
 @register_quantity("ggn_eigen", per_param=False)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
-import math
 from pathlib import Path
 
 import torch
@@ -19,7 +18,6 @@ from torch import nn
 from torch.func import functional_call, grad, jvp, vjp
 
 import hogc
-from hogc.emit import runtime as R
 from hogc.examples import mnist_mlp
 from hogc.timing import peak_memory
 from hogc.zoo import ResNet, TinyGPT, c3d3
@@ -230,7 +228,7 @@ def main():
             continue
         results[name] = run_model(name, model, x, y, args.repeat, args.inductor)
         print("\n".join(table(name, results[name])), flush=True)
-    head = [f"# hogc against its peers (`benchmarks/peers.py`, one run per model)", "",
+    head = ["# hogc against its peers (`benchmarks/peers.py`, one run per model)", "",
             f"CPU, torch {torch.__version__}, {torch.get_num_threads()} threads, float32. Ratios to the plain "
             f"autograd gradient of the same model in the same run; `-`: the library has no such quantity or "
             f"cannot run the model; n/a: it raised (reason below the table).", ""]

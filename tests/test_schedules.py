@@ -243,3 +243,23 @@ def test_cotengra_strategy_when_installed():
     ref = hogc.compile(model, qs, loss=lf, top_k=2)(x, y)
     got = hogc.compile(model, qs, loss=lf, top_k=2, optimize="cotengra")(x, y)
     _compare(got, ref, qs)
+
+
+@pytest.mark.parametrize("case", ["resnet-grad", "resnet-ggn_diag", "c3d3-ggn_diag", "gpt-ggn_diag"])
+def test_predicted_peak_matches_the_measured_one_on_the_zoo(case):
+    """The liveness model of the emitted code (fn.explain().predicted_peak) within 20% of the
+    peak the torch profiler measures, on convolution, pooling and attention programs."""
+    from hogc.zoo import ResNet, TinyGPT, c3d3
+
+    name, q = case.split("-")
+    torch.manual_seed(0)
+    if name == "resnet":
+        model, x, y = ResNet(widths=(8, 16)).eval(), torch.randn(8, 3, 16, 16), torch.randint(0, 10, (8,))
+    elif name == "c3d3":
+        model, x, y = c3d3(), torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    else:
+        model, x, y = TinyGPT(), torch.randint(0, 32, (8, 8)), torch.randint(0, 32, (8, 8))
+    fn = hogc.compile(model, q)
+    fn(x, y)
+    measured = peak_memory(lambda: fn(x, y))
+    assert abs(fn.explain().predicted_peak - measured) <= 0.2 * measured

@@ -194,23 +194,41 @@ def plot(results, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    colors = dict(zip(PEERS, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 4.2), squeeze=False)
+    w = 0.8 / len(PEERS)
     for ax, (name, r) in zip(axes[0], results.items()):
-        peers = [p for p in PEERS if any((q, p) in r["time"] for q in QUANTITIES)]
-        qs = [q for q in QUANTITIES if any((q, p) in r["time"] for p in peers)]
-        w = 0.8 / len(peers)
-        for k, p in enumerate(peers):
+        qs = [q for q in QUANTITIES if any((q, p) in r["time"] for p in PEERS)]
+        for k, p in enumerate(PEERS):  # one slot and one colour per library in every panel
             xs = [i + k * w for i, q in enumerate(qs) if (q, p) in r["time"]]
             ys = [r["time"][(q, p)] for q in qs if (q, p) in r["time"]]
-            ax.bar(xs, ys, w, label=p)
+            if xs:
+                ax.bar(xs, ys, w, label=p, color=colors[p])
         ax.set_xticks([i + 0.4 - w / 2 for i in range(len(qs))], qs, rotation=45, ha="right", fontsize=8)
         ax.set_yscale("log")
         ax.axhline(1.0, color="gray", lw=0.8)
         ax.set_title(name.split(",")[0], fontsize=9)
         ax.set_ylabel("time / plain gradient")
-    axes[0][0].legend(fontsize=7)
+        ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def parse(md: str) -> dict:
+    """Results back from docs/peers.md (to redraw the plot without rerunning)."""
+    results, name, cols = {}, None, None
+    for line in md.splitlines():
+        if line.startswith("### "):
+            name = line[4:]
+            results[name] = {"time": {}}
+        elif line.startswith("| quantity"):
+            cols = [c.strip() for c in line.strip("|").split("|")][1:]
+        elif name and line.startswith("| ") and cols and not line.startswith("|---"):
+            cells = [c.strip() for c in line.strip("|").split("|")]
+            for p, cell in zip(cols, cells[1:]):
+                if "/" in cell and cell != "n/a":
+                    results[name]["time"][(cells[0], p)] = float(cell.split("/")[0].strip(" *"))
+    return results
 
 
 def main():
@@ -219,7 +237,11 @@ def main():
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--inductor", action="store_true", help="also hogc with backend='inductor' (compiles take minutes)")
     ap.add_argument("--models", type=str, default="", help="comma-separated prefixes of the models to run")
+    ap.add_argument("--replot", action="store_true", help="only redraw docs/peers.png from docs/peers.md")
     args = ap.parse_args()
+    if args.replot:
+        plot(parse((DOCS / "peers.md").read_text()), DOCS / "peers.png")
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     results = {}

@@ -52,3 +52,23 @@ def test_cuda_memory_budget_is_met():
     assert peak_memory(lambda: fb(x, y), "cuda") <= budget
     for k in ref:
         close(got[k], ref[k], rel=1e-5)
+
+
+@pytest.mark.parametrize("zoo", __import__("tests.test_zoo", fromlist=["ZOO"]).ZOO, ids=lambda z: z.id)
+def test_cuda_inductor_equals_eager_on_the_zoo(zoo):
+    """backend='auto' is Inductor (Triton kernels) on CUDA; float32 against the eager program."""
+    model, lf, x, y = zoo.data()
+    model = model.float().cuda()
+    x = (x.float() if x.is_floating_point() else x).cuda()
+    y = y.cuda()
+    qs = ("grad", "batch_l2", "ggn_diag", "hvp")
+    g = torch.Generator().manual_seed(1)
+    v = {k: torch.randn(p.shape, generator=g).cuda() for k, p in model.named_parameters()}
+    want = hogc.compile(model, qs, loss=lf)(x, y, v)
+    fn = hogc.compile(model, qs, loss=lf, backend="auto")
+    got = fn(x, y, v)
+    assert fn.explain().strategies["backend"].startswith("inductor")
+    for q in qs:
+        for k in want[q]:
+            scale = max(float(want[q][k].abs().max()), 1e-12)
+            assert float((got[q][k] - want[q][k]).abs().max()) <= 1e-4 * scale, (q, k)

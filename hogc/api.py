@@ -107,10 +107,12 @@ class CompiledFunction:
         except SampleMixingError as e:
             forward, coupled = self._coupled(captured, e, notes), True
         out = forward.outputs["output"]
-        if out.sample_axis() != 0:
+        if out.sample_axis() != 0:  # samples merged, moved or summed away: the batch as one sample
             where = "is missing" if out.sample_axis() is None else f"is at position {out.sample_axis()}"
-            raise SampleMixingError(f"the model output (shape {out.shape}) must keep the samples of x on its first "
-                                    f"axis; the sample axis {where}")
+            forward, coupled = self._coupled(captured, SampleMixingError(
+                f"the model output (shape {out.shape}) does not keep the samples of x on its first axis (the sample "
+                f"axis {where})"), notes), True
+            out = forward.outputs["output"]
         shapes = {k: tuple(p.shape) for k, p in self.model.named_parameters() if p.requires_grad}
         dtype = x.dtype if x.is_floating_point() else next(p.dtype for _, p in self.model.named_parameters())
         itemsize = torch.empty((), dtype=dtype).element_size()

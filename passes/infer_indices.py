@@ -273,6 +273,8 @@ def _check_samples(old: Node, node: Node) -> None:
             f"{what} in {old.where or 'the model'} ({format_node(node, {})}) couples the samples of a batch")
 
     in_s = [s.has_sample for s in node.src]
+    if sum(ix.space == SAMPLE and ix.size > 1 for ix in node.indices) > 1:
+        fail("pairing samples with samples (z @ z.T, h[:, None] - h[None])")
     if node.op is Op.EINSUM:
         eq = node.arg
         for s, x in zip(eq.inputs, node.src):

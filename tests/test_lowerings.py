@@ -264,3 +264,37 @@ def test_runtime_index_tensors(integer_x):
     out = fn(x, y)
     assert_matches(out, Reference(model, lf, x, y), qs)
     assert "gather" in fn.code and "scatter_add" in fn.code
+
+
+class _Negative(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(7, 4))
+        self.lin = nn.Linear(4, 6)
+        self.register_buffer("idx", T([-1, 0, 2]))
+
+    def forward(self, ids):  # one id per sample (negative ones count from the end), a negative buffer index
+        return torch.tanh(self.lin(torch.tanh(self.table[ids])))[:, self.idx]
+
+
+def test_runtime_indices_negative_and_one_per_sample():
+    torch.manual_seed(0)
+    model = _Negative().double()
+    x, y = T([-1, 2, -7, 3]), torch.randint(0, 3, (4,))
+    qs = ("grad", "batch_grad", "ggn_diag", "hessian_diag")
+    lf = nn.CrossEntropyLoss()
+    assert_matches(hogc.compile(model, qs, loss=lf)(x, y), Reference(model, lf, x, y), qs)
+
+
+def test_runtime_boolean_mask_is_a_clear_error():
+    class Masked(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 6)
+            self.register_buffer("keep", T([True, False, True, True, False, False]))
+
+        def forward(self, x):
+            return self.lin(x)[:, self.keep]
+
+    with pytest.raises(hogc.UnsupportedOpError, match="boolean mask"):
+        hogc.compile(Masked(), "grad")(torch.randn(3, 4), torch.randint(0, 3, (3,)))

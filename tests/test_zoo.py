@@ -324,3 +324,35 @@ def test_dropout_in_train_mode_uses_the_mask_of_the_call():
     close(got["loss"], ref.loss())
     assert_matches(got, ref, ("grad", "batch_grad", "ggn_diag", "hessian_diag"), lambda k: k.removeprefix("inner."))
     assert torch.equal(fn(x, y)["grad"]["0.weight"], got["grad"]["0.weight"])  # same seed, same mask
+
+
+class _PairLogits(nn.Module):
+    """Contrastive logits z_i . z_j: samples paired with samples (caught in review: the output had
+    two sample axes and was taken for per-sample)."""
+
+    def __init__(self):
+        super().__init__()
+        self.l = nn.Linear(4, 3)
+
+    def forward(self, x):
+        z = torch.tanh(self.l(x))
+        return z @ z.T
+
+
+@pytest.mark.parametrize("kind", ["pairs", "merged"])
+def test_samples_paired_or_merged_are_coupled(kind):
+    torch.manual_seed(0)
+    if kind == "pairs":
+        model, x, y = _PairLogits().double(), torch.randn(5, 4, dtype=torch.float64), torch.arange(5)
+    else:  # batch and sequence merged before a linear layer, the output (N T, C)
+        model = nn.Sequential(nn.Flatten(0, 1), nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+        x, y = torch.randn(2, 5, 3, dtype=torch.float64), torch.randint(0, 2, (10,))
+    lf = nn.CrossEntropyLoss()
+    qs = ("loss", "grad", "ggn_diag", "hessian_diag")
+    got = hogc.compile(model, qs, loss=lf)(x, y)
+    close(hogc.compile(model, "loss", loss=lf)(x, y), lf(model(x), y))
+    ref = BatchReference(model, lf, x, y)
+    for q in qs:
+        _assert_quantity(got, ref, q)
+    with pytest.raises(hogc.SampleMixingError, match="Per-sample quantities"):
+        hogc.compile(model, "batch_grad", loss=lf)(x, y)

@@ -344,6 +344,9 @@ def _runtime_select(x: Node, dim: int, idx: Node) -> Node:
     (an embedding lookup W[ids] keeps the sample axis of ids)."""
     dim %= x.ndim
     head, tail = x.shape[:dim], x.shape[dim + 1:]
+    if dim == 0 and idx.ndim == 1:  # table[ids] with one id per sample: the ids' axis must broadcast, not gather
+        out = _runtime_select(x, 0, B.reshape(idx, idx.shape + (1,)))
+        return B.reshape(out, idx.shape + tail)
     I = idx.shape if idx.ndim else (1,)
     xe = B.reshape(x, head + (1,) * (len(I) - 1) + (x.shape[dim],) + tail)
     xe = B.expand(xe, head + I[:-1] + (x.shape[dim],) + tail)

@@ -78,14 +78,14 @@ def block_squares(program: Program, itemsize: int = 4) -> Program:
     """Cut every sum of squares of a product larger than ``BLOCK_BYTES`` into blocks (see module)."""
     uses = program.use_counts()
     new: dict[int, Node] = {}
-    cut: dict[int, str] = {}
+    cut: dict[int, tuple[str, int]] = {}  # node -> (the cut letter's index name, blocks)
     for node in program.nodes:
         src = tuple(new[s.uid] for s in node.src)
         found = _square_of_product(node, uses, itemsize) if src == node.src else None
         if found is not None:
             V, k, block = found
             new[node.uid] = _blocked(node, V, k, block)
-            cut[node.uid] = f"{V.indices[k].name}/{-(-V.shape[k] // block)}"
+            cut[node.uid] = (V.indices[k].name, -(-V.shape[k] // block))
         else:
             new[node.uid] = node if src == node.src else node.replace(src=src)
     if not cut:
@@ -93,7 +93,7 @@ def block_squares(program: Program, itemsize: int = 4) -> Program:
     nets = []
     for n, rec in program.networks:
         if n.uid in cut:
-            rec = dataclasses.replace(rec, sliced=rec.sliced + (cut[n.uid] + " (blocks)",),
-                                      slices=rec.slices * int(cut[n.uid].split("/")[1]))
+            name, blocks = cut[n.uid]
+            rec = dataclasses.replace(rec, sliced=rec.sliced + (f"{name}/{blocks} (blocks)",), slices=rec.slices * blocks)
         nets.append((new.get(n.uid, n), rec))
     return Program.of({key: new[v.uid] for key, v in program.outputs.items()}).with_networks(nets)

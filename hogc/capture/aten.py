@@ -348,6 +348,7 @@ def _runtime_select(x: Node, dim: int, idx: Node) -> Node:
         out = _runtime_select(x, 0, B.reshape(idx, idx.shape + (1,)))
         return B.reshape(out, idx.shape + tail)
     I = idx.shape if idx.ndim else (1,)
+    idx = B.nondiff("wrap_index", (x.shape[dim],), idx)
     xe = B.reshape(x, head + (1,) * (len(I) - 1) + (x.shape[dim],) + tail)
     xe = B.expand(xe, head + I[:-1] + (x.shape[dim],) + tail)
     out = B.gather(xe, B.reshape(idx, I + (1,) * len(tail)), -len(tail) - 1)

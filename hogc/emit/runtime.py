@@ -14,8 +14,6 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..errors import UnsupportedOpError
-
 __all__ = ["top_eigenvalues", "loss_value", "loss_grad", "loss_sqrt_hessian", "loss_sqrt_hessian_jvp",
            "loss_sqrt_hessian_mc",
            "slice_dim", "pad_dim", "index_dim", "index_add_dim"]
@@ -198,19 +196,16 @@ def windows(x: torch.Tensor, dim: int, taps: int, dil: int, outs: int, stride: i
 
 def gather(x: torch.Tensor, idx: torch.Tensor, dim: int) -> torch.Tensor:
     """torch.gather along ``dim`` (< 0) with ``idx`` broadcast right-aligned against the result."""
-    if idx.dtype == torch.bool:
-        raise UnsupportedOpError("a boolean mask as a runtime index (its result's shape depends on the data) is not "
-                                 "supported; index with integer positions")
     shape = list(x.shape)
     shape[dim] = idx.shape[dim]
-    return torch.gather(x, dim, torch.remainder(idx, x.shape[dim]).expand(shape))  # negatives count from the end
+    return torch.gather(x, dim, idx.expand(shape))
 
 
 def scatter_add(v: torch.Tensor, idx: torch.Tensor, dim: int, size: int) -> torch.Tensor:
     """The transpose of :func:`gather`: zeros of ``size`` along ``dim``, v added at idx."""
     shape = list(v.shape)
     shape[dim] = size
-    return v.new_zeros(shape).scatter_add_(dim, torch.remainder(idx, size).expand(v.shape), v)
+    return v.new_zeros(shape).scatter_add_(dim, idx.expand(v.shape), v)
 
 
 def conv(x: torch.Tensor, w: torch.Tensor, kind: str, stride, padding, dilation,

@@ -59,6 +59,16 @@ def pool_argmax(x: torch.Tensor, kernel, stride, pad, dil, ceil) -> torch.Tensor
     return idx.reshape(tuple(lead) + tuple(idx.shape[2:]))
 
 
+def wrap_index(idx: torch.Tensor, size: int) -> torch.Tensor:
+    """A runtime index as gather takes it: negatives count from the end, as in torch indexing;
+    a boolean mask (a data-dependent result shape) is refused."""
+    if idx.dtype == torch.bool:
+        from ..errors import UnsupportedOpError
+        raise UnsupportedOpError("a boolean mask as a runtime index (its result's shape depends on the data) is not "
+                                 "supported; index with integer positions")
+    return torch.remainder(idx, size)
+
+
 def amax(x: torch.Tensor, dims) -> torch.Tensor:
     return torch.amax(x, dims, keepdim=True)
 
@@ -88,6 +98,9 @@ NONDIFF_FUNCTIONS: dict[str, NondiffFunction] = {
     # flat input position of each window's maximum, (..., *out), int64
     "pool_argmax": NondiffFunction(_argmax_shape, lambda p, n: [(k, k) for k in range(n - len(p[0]))],
                                    pool_argmax),
+    # params (size,): integer indices into an axis of that size, negatives wrapped
+    "wrap_index": NondiffFunction(lambda p, shape: tuple(shape), lambda p, n: [(k, k) for k in range(n)],
+                                  wrap_index),
     # params (p,), sources (x, generator): the scaled dropout mask of this call, shaped like x
     "dropout_mask": NondiffFunction(lambda p, shape: tuple(shape), lambda p, n: [(k, k) for k in range(n)],
                                     dropout_mask),

@@ -84,16 +84,12 @@ def _build(node, x, d, w, ws, specs, batch, cin, cout, src_sp, dst_sp, transpose
     eq: Einsum = node.arg
     nb = math.prod(sizes[c] for c in batch)
     # data -> (batch, cin, *spatial); weight -> (cin, cout, *taps) transposed, (cout, cin, *taps) forward
-    xd = B.permute(_squeezed(x, d, sizes), [_letters(d, sizes).index(c) for c in batch + [cin] + src_sp])
-    xd = B.reshape(xd, (nb, sizes[cin]) + tuple(sizes[c] for c in src_sp),
-                   tuple(_axis(n, str(i)) for i, n in enumerate((nb, sizes[cin]) + tuple(sizes[c] for c in src_sp))))
+    xd = _arranged(x, d, sizes, batch + [cin] + src_sp, (nb, sizes[cin]) + tuple(sizes[c] for c in src_sp), "")
     taps = [sp[1] for sp in specs]
     order = ([cin, cout] if transposed else [cout, cin]) + taps
     wl = _letters(ws, sizes)
     wk = B.permute(_squeezed(w, ws, sizes), [wl.index(c) for c in order])
-    stride = tuple(sp[3][0] for sp in specs)
-    padding = tuple(sp[3][1] for sp in specs)
-    dilation = tuple(sp[3][2] for sp in specs)
+    stride, padding, dilation = _geometry(specs)
     out_pad = []
     for sp, src, dst in zip(specs, src_sp, dst_sp):
         s, p, dl = sp[3]
@@ -151,14 +147,12 @@ def _weight_gradient(node: Node, operands, specs, sizes, unit) -> Node | None:
         ns, nk = math.prod(sizes[c] for c in summed), math.prod(sizes[c] for c in kept)
 
         def flat(v, vs, chans, sp, tag):
-            order = summed + kept + chans + sp
             shape = (ns, nk * sizes[chans[0]]) + tuple(sizes[c] for c in sp)
-            v = B.permute(_squeezed(v, vs, sizes), [_letters(vs, sizes).index(c) for c in order])
-            return B.reshape(v, shape, tuple(_axis(n, f"{tag}{i}") for i, n in enumerate(shape)))
+            return _arranged(v, vs, sizes, summed + kept + chans + sp, shape, tag)
 
         xd, gd = flat(x, xs, cin, H, "x"), flat(g, gs, cout, O, "g")
         taps = tuple(sizes[c] for c in T)  # the fifth slot: kernel size (output_padding of the other kinds)
-        stride, padding, dilation = (tuple(sp[3][i] for sp in specs) for i in range(3))
+        stride, padding, dilation = _geometry(specs)
         shape = (nk * sizes[cout[0]], sizes[cin[0]]) + taps
         y = Node(Op.CONV, (xd, gd), ("weight", stride, padding, dilation, taps, nk),
                  tuple(_axis(n, f"w{i}") for i, n in enumerate(shape)))
@@ -167,6 +161,17 @@ def _weight_gradient(node: Node, operands, specs, sizes, unit) -> Node | None:
         y = B.permute(y, [full.index(c) for c in eq.output if sizes[c] != 1])
         return B.reshape(y, node.shape, node.indices)
     return None
+
+
+def _geometry(specs) -> tuple[tuple[int, ...], ...]:
+    """(stride, padding, dilation), one entry per spatial axis, from the patterns' specs."""
+    return tuple(tuple(sp[3][i] for sp in specs) for i in range(3))
+
+
+def _arranged(v: Node, vs: str, sizes, order: list[str], shape: tuple[int, ...], tag: str) -> Node:
+    """Operand v (letters vs) with its letters in ``order``, reshaped to the kernel's ``shape``."""
+    v = B.permute(_squeezed(v, vs, sizes), [_letters(vs, sizes).index(c) for c in order])
+    return B.reshape(v, shape, tuple(_axis(n, f"{tag}{i}") for i, n in enumerate(shape)))
 
 
 def _letters(s: str, sizes) -> str:

@@ -119,7 +119,7 @@ class CompiledFunction:
         unopt = derive(forward, self.quantities, self.spec, dtype, shapes, self.mc_samples, self.top_k, notes,
                        self.partition, self.direction is not None, x.device.type, self.partition_strategy,
                        self.kfac_approx)
-        passes = optimization_pipeline(self.optimize, self.memory_budget, itemsize)
+        passes = optimization_pipeline(self.optimize, self.memory_budget, itemsize, x.device.type)
         program = run_pipeline(unopt, passes, self.verify)
         used = {n.arg for n in program.inputs()}
         order = [("param", k) for k, p in self.model.named_parameters() if p.requires_grad] + \

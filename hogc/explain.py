@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from .emit.memory import predicted_peak
 from .ir import Einsum, Op, Program
 from .ir.index import fmt_indices
-from .passes.paths import einsum_flops
+from .passes.paths import einsum_flops, letter_sizes
 
 __all__ = ["Explanation", "Contraction", "Network", "explain"]
 
@@ -99,6 +99,12 @@ def explain(program: Program, strategies: dict[str, str] | None = None, itemsize
     pos = {id(n): k for k, n in enumerate(program.nodes)}
     out = []
     for k, node in enumerate(program.nodes):
+        if node.op is Op.SQUARE_PRODUCT:
+            product, square, why = node.arg
+            work = math.prod(letter_sizes(product.inputs, (x.shape for x in node.src)).values())
+            out.append(Contraction(f"%{k}", f"sum ({product})^2 -> {square.output}  [fused kernel: {why}]",
+                                   fmt_indices(node.indices), 2 * work + math.prod(node.shape), math.prod(node.shape)))
+            continue
         if node.op is not Op.EINSUM:
             continue
         eq: Einsum = node.arg

@@ -17,19 +17,27 @@ import math
 from hogc.ir import Node, Op, Program, SAMPLE, build as B
 from hogc.ir.node import Einsum
 
-__all__ = ["block_squares", "BLOCK_BYTES"]
+__all__ = ["block_squares", "squared_product", "BLOCK_BYTES"]
 
 #: Largest block of the squared product (bytes): within a last-level cache.
 BLOCK_BYTES = 8 * 2**20
 
 
-def _square_of_product(node: Node, uses: dict[int, int], itemsize: int) -> tuple[Node, int, int] | None:
-    """(V, axis of V to cut, block size) when ``node`` sums squares of a large product V."""
+def squared_product(node: Node, uses: dict[int, int]) -> Node | None:
+    """The product V when ``node`` is ``sum V^2`` of a pairwise product V read by nothing else."""
     if node.op is not Op.EINSUM or len(node.src) != 2 or node.src[0] is not node.src[1]:
         return None
     eq: Einsum = node.arg
     V = node.src[0]
     if eq.inputs[0] != eq.inputs[1] or V.op is not Op.EINSUM or len(V.src) != 2 or uses.get(V.uid) != 2:
+        return None
+    return V
+
+
+def _square_of_product(node: Node, uses: dict[int, int], itemsize: int) -> tuple[Node, int, int] | None:
+    """(V, axis of V to cut, block size) when ``node`` sums squares of a large product V."""
+    V = squared_product(node, uses)
+    if V is None:
         return None
     size = math.prod(V.shape) * itemsize
     if size <= BLOCK_BYTES:

@@ -12,6 +12,7 @@ from hogc.ir import Program, verify
 
 from .blocking import block_squares
 from .fuse import fuse_einsums
+from .kernels import fuse_square_products
 from .paths import contract_pairwise
 
 __all__ = ["run_pipeline", "optimization_pipeline", "schedule_to_budget", "VERIFY", "HEADROOM"]
@@ -64,14 +65,16 @@ def schedule_to_budget(program: Program, strategy: str = "auto", memory_budget: 
     return best[1]
 
 
-def optimization_pipeline(optimize: str = "auto", memory_budget: int | None = None, itemsize: int = 4) -> list[Pass]:
-    """fuse_einsums, schedule_to_budget, block_squares ('naive' keeps the operands as the passes
-    wrote them and contracts them as written)."""
+def optimization_pipeline(optimize: str = "auto", memory_budget: int | None = None, itemsize: int = 4,
+                          device_type: str = "cpu") -> list[Pass]:
+    """fuse_einsums, schedule_to_budget, fuse_square_products, block_squares ('naive' keeps the
+    operands as the passes wrote them and contracts them as written)."""
     passes = [functools.partial(fuse_einsums, merge_squares=optimize != "naive"),
               functools.partial(schedule_to_budget, strategy=optimize, memory_budget=memory_budget,
                                 itemsize=itemsize)]
     if optimize != "naive":
-        passes.append(functools.partial(block_squares, itemsize=itemsize))
+        passes += [functools.partial(fuse_square_products, device_type=device_type, itemsize=itemsize),
+                   functools.partial(block_squares, itemsize=itemsize)]
     return passes
 
 

@@ -49,7 +49,7 @@ def defresidual(kind: str, *ops: Op):
 defresidual("zero", Op.INPUT, Op.CONST, Op.ADD, Op.SUB, Op.SUM, Op.RESHAPE, Op.PERMUTE, Op.EXPAND, Op.SLICE,
             Op.PAD, Op.INDEX, Op.INDEX_ADD, Op.GATHER, Op.SCATTER_ADD, Op.CAT, Op.NONDIFF, Op.WINDOWS)()
 defresidual("cross", Op.MUL, Op.EINSUM, Op.CONV)()
-defresidual("curved", Op.DIV)()
+defresidual("curved", Op.DIV, Op.SQUARE_PRODUCT)()  # the fused square is quadratic (never differentiated)
 defresidual("loss", Op.LOSS, Op.LOSS_GRAD, Op.LOSS_SQRT_HESSIAN, Op.LOSS_SQRT_HESSIAN_MC,
             Op.LOSS_SQRT_HESSIAN_JVP, Op.EIGVALSH)()
 

@@ -256,6 +256,12 @@ def _windows(g, node, args, gm):
     return _fn(g, R.windows, args[0], *node.arg)
 
 
+@emitter(Op.SQUARE_PRODUCT)
+def _square_product(g, node, args, gm):
+    from .square_kernel import equations  # registers torch.ops.hogc.square_product
+    return _fn(g, torch.ops.hogc.square_product.default, *args, *equations(*node.arg[:2]))
+
+
 @emitter(Op.GATHER)
 def _gather(g, node, args, gm):
     return _fn(g, R.gather, *args, node.arg)

@@ -6,7 +6,8 @@ permute, expand, slice, windows) and in-place accumulations alias their source a
 alive; a reshape of a permuted, expanded or windowed view is a copy. An einsum emitted as broadcast
 multiply-and-sum also holds its full product for the duration of the node, a matrix product
 the operand copies its flattening needs (``fx.einsum_transient``), and an elementwise
-derivative the temporaries of its expression (``elementwise.temporaries``). Inputs (parameters,
+derivative the temporaries of its expression (``elementwise.temporaries``), a fused square
+kernel its per-tile partial sums and operand copies (``square_kernel.square_transient``). Inputs (parameters,
 data) are the caller's and are not counted; outputs live to the end.
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ from hogc.ir import Op, Program
 from hogc.passes import elementwise as E
 
 from .fx import accumulators, einsum_transient
+from .square_kernel import square_transient
 
 __all__ = ["MemoryEstimate", "predicted_peak", "VIEW_OPS"]
 
@@ -60,6 +62,8 @@ def predicted_peak(program: Program, itemsize: int = 4) -> MemoryEstimate:
             transient = einsum_transient(n) * itemsize
         elif n.op is Op.ELEMENTWISE:
             transient = E.temporaries(n.arg[0], n.arg[1]) * size[n.uid]
+        elif n.op is Op.SQUARE_PRODUCT:
+            transient = square_transient(n) * itemsize
         if live + transient > peak:
             peak, at = live + transient, k
         if size[n.uid] and last.get(n.uid, k) <= k:  # never read: dropped at once

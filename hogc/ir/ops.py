@@ -53,6 +53,9 @@ class Op(Enum):
     WINDOWS = auto()  # arg: (dim, taps, dilation, outputs, stride): axis dim of x becomes (taps, outputs) with
     # result[.., t, o, ..] = x[.., t dilation + o stride, ..]: a strided view (im2col without copying),
     # introduced by scheduling (never differentiated)
+    SQUARE_PRODUCT = auto()  # arg: (product Einsum 'a,b->v', square Einsum 'v,v->out', why); src (a, b): the
+    # sum of squares of a pairwise product in one fused kernel that never writes the product,
+    # introduced by fuse_square_products where the cost model picks it (never differentiated)
 
     # --- losses (the boundary where the GGN splits) ---------------------------
     LOSS = auto()  # arg: LossSpec; src: (output, target); the scalar loss
@@ -66,4 +69,4 @@ LOSS_OPS = frozenset({Op.LOSS, Op.LOSS_GRAD, Op.LOSS_SQRT_HESSIAN, Op.LOSS_SQRT_
                       Op.LOSS_SQRT_HESSIAN_JVP})
 LEAF_OPS = frozenset({Op.INPUT, Op.CONST})
 #: Ops that only finish a derivative program and are never differentiated.
-TERMINAL_OPS = frozenset({Op.EIGVALSH, Op.CONV, Op.WINDOWS})
+TERMINAL_OPS = frozenset({Op.EIGVALSH, Op.CONV, Op.WINDOWS, Op.SQUARE_PRODUCT})

@@ -99,6 +99,15 @@ def _check_shape(node: Node, names) -> None:  # noqa: C901 (a table would be lon
         x = src[0]
         need(x.shape[dim] >= (K - 1) * dil + (O - 1) * stride + 1
              and shape == x.shape[:dim] + (K, O) + x.shape[dim + 1:], "windows shape")
+    elif op is Op.SQUARE_PRODUCT:
+        prod, sq, _ = a
+        need(len(prod.inputs) == 2 and len(src) == 2 and sq.inputs == (prod.output, prod.output), "square of a product")
+        sizes = {}
+        for s, x in zip(prod.inputs, src):
+            need(len(s) == x.ndim and all(sizes.setdefault(c, d) == d for c, d in zip(s, x.shape)),
+                 "square_product operand sizes")
+        need(all(c in prod.output for c in sq.output) and tuple(sizes.get(c) for c in sq.output) == shape,
+             "square_product result shape")
     elif op is Op.NONDIFF:
         from .nondiff import NONDIFF_FUNCTIONS
         need(a[0] in NONDIFF_FUNCTIONS and NONDIFF_FUNCTIONS[a[0]].shape(a[1], src[0].shape) == shape,

@@ -16,6 +16,7 @@ from .capture import capture
 from .capture.losses import check_class_range, check_target, loss_spec
 from .emit.fx import emit
 from .emit.memory import predicted_peak
+from .emit.random import draw_seed
 from .errors import HogcError, InputDtypeError, MemoryBudgetError, SampleMixingError
 from .explain import Explanation, explain
 from .ir import Program, format_program
@@ -28,16 +29,15 @@ __all__ = ["compile", "CompiledFunction", "BACKENDS"]
 BACKENDS = ("eager", "inductor", "auto")
 
 
-def _backend(gm: torch.fx.GraphModule, backend: str, device_type: str, random: bool):
-    """(what a call runs, the explanation line) for ``backend`` on ``device_type``."""
+def _backend(gm: torch.fx.GraphModule, backend: str, device_type: str):
+    """(what a call runs, the explanation line) for ``backend`` on ``device_type``. Random draws
+    (Monte-Carlo columns, dropout) are tensor arithmetic on a seed input (``hogc.emit.random``),
+    so every program compiles as one graph."""
     if backend == "eager" or (backend == "auto" and device_type != "cuda"):
         why = "eager: the emitted GraphModule as is" + (" ('auto' on the CPU)" if backend == "auto" else "")
         return gm, why
-    # a program drawing from a torch.Generator (Monte-Carlo columns, dropout masks) runs the draws
-    # outside the compiled graphs (Dynamo cannot trace a Generator): graph breaks there only
-    compiled = torch.compile(gm, backend="inductor", fullgraph=not random, dynamic=False)
-    return compiled, ("inductor: torch.compile(fullgraph=True, dynamic=False) of the emitted GraphModule"
-                      if not random else "inductor: torch.compile(dynamic=False); the random draws break the graph")
+    compiled = torch.compile(gm, backend="inductor", fullgraph=True, dynamic=False)
+    return compiled, "inductor: torch.compile(fullgraph=True, dynamic=False) of the emitted GraphModule"
 
 
 @dataclass
@@ -127,11 +127,11 @@ class CompiledFunction:
                 [("buffer", k) for k, _ in self.model.named_buffers()] + \
                 [("vector", k) for k, p in self.model.named_parameters() if p.requires_grad] + \
                 [("direction", k) for k, p in self.model.named_parameters() if p.requires_grad] + \
-                [("data", "x"), ("target", "y"), ("rng", "generator")]
+                [("data", "x"), ("target", "y"), ("rng", "seed")]
         inputs = [i for i in order if i in used or i[0] in ("data", "target")]
         _check_fits(program, x, self.optimize, self.memory_budget, itemsize)
         gm = emit(program, inputs).to(x.device)  # captured constants follow the inputs
-        run, notes["backend"] = _backend(gm, self.backend, x.device.type, ("rng", "generator") in inputs)
+        run, notes["backend"] = _backend(gm, self.backend, x.device.type)
         classes = out.shape[1] if self.spec.kind == "cross_entropy" else None
         notes = {k: v for k, v in notes.items() if k in self.quantities or k in ("samples", "backend")}
         return _Specialization(program, unopt, gm, inputs, classes, notes, itemsize, coupled, run)
@@ -201,8 +201,8 @@ class CompiledFunction:
             raise HogcError(f"a vector v was given, but none of {self.quantities} takes one (hvp and ggnvp do)")
         if self.direction is not None:
             values.update(self._vector(self.direction, named, "direction", role="direction"))
-        if ("rng", "generator") in spec.inputs:
-            values[("rng", "generator")] = self._rng(x.device, generator)
+        if ("rng", "seed") in spec.inputs:
+            values[("rng", "seed")] = draw_seed(self._rng(generator), x.device)
         return spec, [values[i] for i in spec.inputs]
 
     def _check_partition(self, named) -> None:
@@ -246,12 +246,12 @@ class CompiledFunction:
             raise HogcError(f"{what} has entries for unknown or frozen parameters: {sorted(extra)}")
         return out
 
-    def _rng(self, device, generator):
+    def _rng(self, generator):
         if generator is not None:
             return generator
         if self.generator is not None:
             return self.generator
-        g = torch.Generator(device=device)
+        g = torch.Generator()  # on the CPU: one seed gives the same draws on every device
         g.manual_seed(self.seed if self.seed is not None else
                       int(torch.randint(0, 2**62, (1,)).item()))
         return g

@@ -25,10 +25,10 @@ def test_cuda_equals_cpu(case):
     model, lf, x, y = case.data()
     g = torch.Generator().manual_seed(1)
     v = {k: torch.randn(p.shape, generator=g, dtype=p.dtype) for k, p in model.named_parameters()}
-    qs = tuple(q for q in GENERAL if q != "ggn_diag_mc")  # the CUDA generator draws other numbers
-    cpu = hogc.compile(model, qs, loss=lf, top_k=2)(x, y, v)
+    qs = GENERAL  # with seed=, the Monte-Carlo draws are the same numbers on both devices
+    cpu = hogc.compile(model, qs, loss=lf, top_k=2, seed=5)(x, y, v)
     model.cuda()
-    got = hogc.compile(model, qs, loss=lf, top_k=2)(x.cuda(), y.cuda(), _to(v, "cuda"))
+    got = hogc.compile(model, qs, loss=lf, top_k=2, seed=5)(x.cuda(), y.cuda(), _to(v, "cuda"))
     for q in qs:
         if isinstance(cpu[q], dict):
             for k in cpu[q]:

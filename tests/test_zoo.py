@@ -299,8 +299,11 @@ def test_same_padding_with_an_odd_total(conv, shape):
 
 
 def test_dropout_in_train_mode_uses_the_mask_of_the_call():
-    """The mask is drawn from the call's generator (seed= makes it reproducible); every quantity of
-    the call sees the same mask: equal to the model with that mask fixed."""
+    """The mask comes from the call's seed, drawn from its generator (seed= makes it reproducible),
+    and the site's stream (hogc.emit.random); every quantity of the call sees the same mask: equal
+    to the model with that mask fixed."""
+    from hogc.emit.random import draw_seed, dropout_mask, stream_of
+
     torch.manual_seed(0)
     p, seed = 0.4, 11
     model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Dropout(p), nn.Linear(6, 3)).double().train()
@@ -308,8 +311,9 @@ def test_dropout_in_train_mode_uses_the_mask_of_the_call():
     lf = nn.CrossEntropyLoss()
     fn = hogc.compile(model, ("loss", "grad", "batch_grad", "ggn_diag", "hessian_diag"), loss=lf, seed=seed)
     got = fn(x, y)
-    mask = torch.empty(5, 6, dtype=torch.float64).bernoulli_(1 - p, generator=torch.Generator().manual_seed(seed))
-    mask = mask / (1 - p)
+    call_seed = draw_seed(torch.Generator().manual_seed(seed), "cpu")
+    mask = dropout_mask(torch.ones(5, 6, dtype=torch.float64), call_seed, p, stream_of("dropout"))
+    assert 0 < int((mask == 0).sum()) < 30 and set(mask.unique().tolist()) <= {0.0, 1 / (1 - p)}
 
     class Fixed(nn.Module):  # the mask travels with its sample (the reference vmaps over samples)
         def __init__(self):

@@ -420,14 +420,16 @@ def _split(x, arg=None, dim=0, *, op_name):
 
 
 @lowering("dropout")
-def _dropout(x, p, train):
-    """Eval: the identity. Train: x times this call's random mask (drawn from the call's generator),
-    a constant of the derivatives, so every quantity of one call sees the same mask."""
+def _dropout(x, p, train, site):
+    """Eval: the identity. Train: x times this call's random mask (from the call's seed and the
+    site's own stream), a constant of the derivatives, so every quantity of one call sees the same
+    mask and two dropout sites draw different ones."""
     if not train or p == 0:
         return x
     if p >= 1:
         return B.scale(x, 0.0)
-    return B.mul(x, B.nondiff("dropout_mask", (float(p),), x, B.inp("rng", "generator", ())))
+    from ..emit.random import stream_of
+    return B.mul(x, B.nondiff("dropout_mask", (float(p), stream_of(site)), x, B.inp("rng", "seed", ())))
 
 
 @lowering("detach")

@@ -123,6 +123,8 @@ def lower_graph(gm: torch.fx.GraphModule, param_names: list[str], trainable: set
             extra["out_shape"] = tuple(val_meta.shape) if hasattr(val_meta, "shape") else None
         if "op_name" in code:
             extra["op_name"] = name
+        if "site" in code:  # the call site's name in the traced graph (a random draw's stream)
+            extra["site"] = node.name
         if "out_dtype" in code:
             src_meta = node.args[0].meta.get("val") if isinstance(node.args[0], torch.fx.Node) else None
             if hasattr(val_meta, "dtype") and getattr(src_meta, "dtype", val_meta.dtype) != val_meta.dtype \

@@ -14,6 +14,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .random import categorical, normal, stream_of, uniform
+
 __all__ = ["top_eigenvalues", "loss_value", "loss_grad", "loss_sqrt_hessian", "loss_sqrt_hessian_jvp",
            "loss_sqrt_hessian_mc",
            "slice_dim", "pad_dim", "index_dim", "index_add_dim"]
@@ -140,23 +142,28 @@ def loss_sqrt_hessian_jvp(f: torch.Tensor, y: torch.Tensor, t: torch.Tensor, kin
     return out.reshape((S_, C) + tuple(f.shape))
 
 
-def loss_sqrt_hessian_mc(f: torch.Tensor, y: torch.Tensor, generator: torch.Generator, kind: str,
+#: the stream of the Monte-Carlo columns' draws (hogc.emit.random)
+MC_STREAM = stream_of("loss_sqrt_hessian_mc")
+
+
+def loss_sqrt_hessian_mc(f: torch.Tensor, y: torch.Tensor, seed: torch.Tensor, kind: str,
                          reduction: str, mc_samples: int, ignore_index: int = -100,
                          smoothing: float = 0.0) -> torch.Tensor:
-    """Monte-Carlo factor ``(M, *f.shape)``: E[sum_m s_m s_m^T] = d2L/df2 (Fisher sampling)."""
+    """Monte-Carlo factor ``(M, *f.shape)``: E[sum_m s_m s_m^T] = d2L/df2 (Fisher sampling), drawn
+    from the call's seed (``hogc.emit.random``: traceable, no torch.Generator inside)."""
     if kind == "cross_entropy":
         p = torch.softmax(_rows(f), dim=1)
-        draws = torch.multinomial(p.detach(), mc_samples, replacement=True, generator=generator)  # (R, M)
-        onehot = F.one_hot(draws.T, f.shape[1]).to(f.dtype)  # (M, R, C)
+        draws = categorical(p, seed, MC_STREAM, mc_samples)  # (M, R)
+        onehot = F.one_hot(draws, f.shape[1]).to(f.dtype)  # (M, R, C)
         w = (_ce_weights(f, y, reduction, ignore_index) / mc_samples).sqrt()
         return _unrows((p.unsqueeze(0) - onehot) * w[None, :, None], f.shape, 1, 2)
     r = math.sqrt(_scale(reduction, f) / mc_samples)
     shape = (mc_samples,) + tuple(f.shape)
     if kind == "mse":
-        eps = torch.randn(shape, generator=generator, dtype=f.dtype, device=f.device)
+        eps = normal(seed, MC_STREAM, shape, f.dtype, f.device)
         return eps.mul_(math.sqrt(2.0) * r)
     s = torch.sigmoid(f)
-    u = torch.rand(shape, generator=generator, dtype=f.dtype, device=f.device)
+    u = uniform(seed, MC_STREAM, shape, f.dtype, f.device)
     return (s.unsqueeze(0) - (u < s.unsqueeze(0)).to(f.dtype)).mul_(r)
 
 

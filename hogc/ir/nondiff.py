@@ -77,10 +77,12 @@ def one_hot(x: torch.Tensor, num_classes: int, dtype: str) -> torch.Tensor:
     return torch.nn.functional.one_hot(x.long(), num_classes).to(getattr(torch, dtype))
 
 
-def dropout_mask(x: torch.Tensor, generator: torch.Generator, p: float) -> torch.Tensor:
-    """Inverted dropout's scaled mask for this call: Bernoulli(1 - p) / (1 - p), drawn from the
-    call's generator (``seed=`` / ``generator=`` of hogc.compile make it reproducible)."""
-    return torch.empty_like(x).bernoulli_(1.0 - p, generator=generator).div_(1.0 - p)
+def dropout_mask(x: torch.Tensor, seed: torch.Tensor, p: float, stream: int) -> torch.Tensor:
+    """Inverted dropout's scaled mask for this call: Bernoulli(1 - p) / (1 - p), from the call's
+    seed (drawn from its generator: ``seed=`` / ``generator=`` of hogc.compile make it reproducible)
+    and the dropout site's stream (``hogc.emit.random``: traceable, no torch.Generator inside)."""
+    from ..emit.random import dropout_mask as draw
+    return draw(x, seed, p, stream)
 
 
 def additive_mask(m: torch.Tensor, dtype: str) -> torch.Tensor:
@@ -101,7 +103,7 @@ NONDIFF_FUNCTIONS: dict[str, NondiffFunction] = {
     # params (size,): integer indices into an axis of that size, negatives wrapped
     "wrap_index": NondiffFunction(lambda p, shape: tuple(shape), lambda p, n: [(k, k) for k in range(n)],
                                   wrap_index),
-    # params (p,), sources (x, generator): the scaled dropout mask of this call, shaped like x
+    # params (p, stream), sources (x, seed): the scaled dropout mask of this call, shaped like x
     "dropout_mask": NondiffFunction(lambda p, shape: tuple(shape), lambda p, n: [(k, k) for k in range(n)],
                                     dropout_mask),
     # params (dtype name,): a boolean or additive attention mask -> additive scores

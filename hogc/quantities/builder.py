@@ -214,7 +214,7 @@ def derive(forward: Program, quantities: Sequence[str], spec: LossSpec, dtype: t
         Index(f"{name}.{k}", d, f"{name}.{k}", Variance.UP) for k, d in enumerate(shape)))
         for name, shape in param_shapes.items()}
     target = B.inp("target", "y", (out.indices[0],) if spec.kind == "cross_entropy" else out.indices)
-    rng = B.inp("rng", "generator", ())
+    rng = B.inp("rng", "seed", ())
     builder = DerivativeBuilder(out, target, params, spec, dtype, rng, mc_samples, top_k)
     builder.partition, builder.direction_given = partition, direction_given
     builder.device_type, builder.partition_strategy = device_type, partition_strategy

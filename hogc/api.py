@@ -19,7 +19,7 @@ from .emit.memory import predicted_peak
 from .emit.random import draw_seed
 from .errors import HogcError, InputDtypeError, MemoryBudgetError, SampleMixingError
 from .explain import Explanation, explain
-from .ir import Program, format_program
+from .ir import Op, Program, format_program
 from .quantities import derive, get_quantity
 from .quantities.partition import PARTITION_STRATEGIES
 
@@ -116,11 +116,31 @@ class CompiledFunction:
         shapes = {k: tuple(p.shape) for k, p in self.model.named_parameters() if p.requires_grad}
         dtype = x.dtype if x.is_floating_point() else next(p.dtype for _, p in self.model.named_parameters())
         itemsize = torch.empty((), dtype=dtype).element_size()
-        unopt = derive(forward, self.quantities, self.spec, dtype, shapes, self.mc_samples, self.top_k, notes,
-                       self.partition, self.direction is not None, x.device.type, self.partition_strategy,
-                       self.kfac_approx)
         passes = optimization_pipeline(self.optimize, self.memory_budget, itemsize, x.device.type)
-        program = run_pipeline(unopt, passes, self.verify)
+        chunks, before, last = 1, None, None
+        while True:  # a budget the sliced networks miss: the square-root columns in ever more chunks
+            tried = dict(notes)
+            unopt = derive(forward, self.quantities, self.spec, dtype, shapes, self.mc_samples, self.top_k, tried,
+                           self.partition, self.direction is not None, x.device.type, self.partition_strategy,
+                           self.kfac_approx, chunks)
+            if before is not None and all(a is b for a, b in zip(unopt.outputs.values(), before.outputs.values())):
+                raise last  # no quantity sums over the columns: chunking changes nothing
+            try:
+                program = run_pipeline(unopt, passes, self.verify)
+                break
+            except MemoryBudgetError as e:
+                columns = max((n.shape[0] for n in unopt.nodes
+                               if n.op in (Op.LOSS_SQRT_HESSIAN, Op.LOSS_SQRT_HESSIAN_MC)), default=1)
+                if chunks >= columns:
+                    if chunks > 1:
+                        raise MemoryBudgetError(f"{e} (with the square-root columns already in {chunks} chunks, "
+                                                f"one backward pass each)") from None
+                    raise
+                chunks, before, last = min(2 * chunks, columns), unopt, e
+        notes = tried
+        if chunks > 1:
+            notes["columns"] = (f"square-root columns in {chunks} chunks, one backward pass each, to meet "
+                                f"memory_budget={self.memory_budget}")
         used = {n.arg for n in program.inputs()}
         order = [("param", k) for k, p in self.model.named_parameters() if p.requires_grad] + \
                 [("buffer", k) for k, p in self.model.named_parameters() if not p.requires_grad] + \
@@ -133,7 +153,7 @@ class CompiledFunction:
         gm = emit(program, inputs).to(x.device)  # captured constants follow the inputs
         run, notes["backend"] = _backend(gm, self.backend, x.device.type)
         classes = out.shape[1] if self.spec.kind == "cross_entropy" else None
-        notes = {k: v for k, v in notes.items() if k in self.quantities or k in ("samples", "backend")}
+        notes = {k: v for k, v in notes.items() if k in self.quantities or k in ("samples", "backend", "columns")}
         return _Specialization(program, unopt, gm, inputs, classes, notes, itemsize, coupled, run)
 
     def _coupled(self, captured: Program, err: SampleMixingError, notes: dict[str, str]) -> Program:

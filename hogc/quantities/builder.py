@@ -11,6 +11,7 @@ The optimization passes then turn e.g. ``sum_{c,n} V^2`` into BackPACK's formula
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from functools import cached_property
 
@@ -24,7 +25,7 @@ from ..capture.losses import num_columns
 from ..ir import COLUMN, Index, LossSpec, Node, Op, Program, Variance, build as B, dual, topological_order
 from .registry import get_quantity
 
-__all__ = ["DerivativeBuilder", "derive", "square_sum"]
+__all__ = ["DerivativeBuilder", "derive", "square_sum", "sum_parts"]
 
 
 class DerivativeBuilder:
@@ -39,6 +40,9 @@ class DerivativeBuilder:
         self.partition_strategy = "auto"  # 'dense', 'unrolled' or 'auto' (by device_type)
         self.kfac_approx: str | None = None  # Kronecker factors over shared positions: expand or reduce
         self.device_type = "cpu"  # where the program will run
+        #: quantities that sum over the square-root columns run one backward pass per chunk of
+        #: columns (a memory budget asks for it: the columns' cotangents dominate the peak)
+        self.column_chunks = 1
         self.N = output.shape[output.sample_axis()]
         self.sample = output.indices[output.sample_axis()]
         self.notes: dict[str, str] = {}  # quantity -> the strategy chosen and why (fn.explain())
@@ -67,32 +71,47 @@ class DerivativeBuilder:
         seed = Node(Op.LOSS_GRAD, (self.output, self.target), self.spec, dual(self.output.indices))
         return self._backprop(seed, ())
 
-    def _columns(self, op: Op, arg, src, C: int, name: str) -> dict[str, Node]:
-        c = Index(name, C, COLUMN, Variance.BATCH)
-        return self._backprop(Node(op, src, arg, (c,) + dual(self.output.indices)), (c,))
+    def column_seed(self, mc: bool) -> Node:
+        """The loss-Hessian square root S at the output, columns first: exact (c) or Monte-Carlo (m)."""
+        if mc:
+            c = Index("m", self.mc_samples, COLUMN, Variance.BATCH)
+            return Node(Op.LOSS_SQRT_HESSIAN_MC, (self.output, self.target, self.rng), (self.spec, self.mc_samples),
+                        (c,) + dual(self.output.indices))
+        c = Index("c", num_columns(self.spec, self.output.shape), COLUMN, Variance.BATCH)
+        return Node(Op.LOSS_SQRT_HESSIAN, (self.output, self.target), self.spec, (c,) + dual(self.output.indices))
+
+    def _seeds(self, mc: bool) -> list[Node]:
+        """The column seed, or its ``column_chunks`` slices along the columns (one backward pass each)."""
+        seed = self.column_seed(mc)
+        C = seed.shape[0]
+        k = max(1, min(self.column_chunks, C))
+        cuts = [C * j // k for j in range(k + 1)]
+        return [B.slice_(seed, 0, lo, hi) for lo, hi in zip(cuts, cuts[1:])]
 
     @cached_property
     def sqrt_ggn(self) -> dict[str, Node]:
-        C = num_columns(self.spec, self.output.shape)
-        return self._columns(Op.LOSS_SQRT_HESSIAN, self.spec, (self.output, self.target), C, "c")
+        seed = self.column_seed(False)
+        return self._backprop(seed, seed.indices[:1])
 
     @cached_property
     def sqrt_ggn_mc(self) -> dict[str, Node]:
-        return self._columns(Op.LOSS_SQRT_HESSIAN_MC, (self.spec, self.mc_samples),
-                             (self.output, self.target, self.rng), self.mc_samples, "m")
+        seed = self.column_seed(True)
+        return self._backprop(seed, seed.indices[:1])
 
-    def column_cotangents(self, mc: bool, nodes: dict[str, Node]) -> dict[str, Node]:
+    def sqrt_ggn_parts(self, mc: bool) -> list[dict[str, Node]]:
+        """``sqrt_ggn`` (or ``sqrt_ggn_mc``) as one part per column chunk: quantities that sum over
+        the columns sum their parts with ``sum_parts``."""
+        return [self._backprop(s, s.indices[:1]) for s in self._seeds(mc)]
+
+    def column_cotangents(self, mc: bool, nodes: dict[str, Node]) -> list[dict[str, Node]]:
         """Cotangents of intermediate ``nodes`` in the exact (or Monte-Carlo) square-root backward
-        pass; the pass itself is shared with ``sqrt_ggn`` through hash-consing."""
-        if mc:
-            c = Index("m", self.mc_samples, COLUMN, Variance.BATCH)
-            seed = Node(Op.LOSS_SQRT_HESSIAN_MC, (self.output, self.target, self.rng), (self.spec, self.mc_samples),
-                        (c,) + dual(self.output.indices))
-        else:
-            c = Index("c", num_columns(self.spec, self.output.shape), COLUMN, Variance.BATCH)
-            seed = Node(Op.LOSS_SQRT_HESSIAN, (self.output, self.target), self.spec, (c,) + dual(self.output.indices))
-        cots = backpropagate(self.output, seed, (c,), self.params, also=nodes)
-        return {k: cots[k] for k in nodes if k in cots}
+        pass, one dict per column chunk; the pass itself is shared with ``sqrt_ggn`` through
+        hash-consing."""
+        parts = []
+        for seed in self._seeds(mc):
+            cots = backpropagate(self.output, seed, seed.indices[:1], self.params, also=nodes)
+            parts.append({k: cots[k] for k in nodes if k in cots})
+        return parts
 
     @cached_property
     def _forward_uses(self) -> tuple[tuple[Node, ...], dict[int, int], dict[int, str]]:
@@ -201,13 +220,15 @@ def derive(forward: Program, quantities: Sequence[str], spec: LossSpec, dtype: t
            param_shapes: dict[str, tuple[int, ...]], mc_samples: int = 1, top_k: int = 1,
            notes: dict[str, str] | None = None, partition: list[list[str]] | None = None,
            direction_given: bool = False, device_type: str = "cpu", partition_strategy: str = "auto",
-           kfac_approx: str | None = None) -> Program:
+           kfac_approx: str | None = None, column_chunks: int = 1) -> Program:
     """The derivative program: forward program (indices inferred) -> one output per quantity and
     parameter (``"grad/0.weight"``) or per quantity (``"loss"``). Quantities share nodes.
 
     ``param_shapes`` lists every trainable parameter in model order; one the loss does not depend
     on (absent from ``forward``) gets explicit zeros. ``notes``, if given, receives the strategy
-    each quantity chose and why; ``device_type`` (where the program runs) informs strategy choices."""
+    each quantity chose and why; ``device_type`` (where the program runs) informs strategy choices;
+    ``column_chunks`` > 1 runs the square-root backward pass of quantities that sum over its
+    columns in that many chunks, one after another (less memory, same arithmetic)."""
     out = forward.outputs["output"]
     used = {n.arg[1]: n for n in forward.inputs("param")}
     params = {name: used.get(name) or B.inp("param", name, tuple(
@@ -218,7 +239,7 @@ def derive(forward: Program, quantities: Sequence[str], spec: LossSpec, dtype: t
     builder = DerivativeBuilder(out, target, params, spec, dtype, rng, mc_samples, top_k)
     builder.partition, builder.direction_given = partition, direction_given
     builder.device_type, builder.partition_strategy = device_type, partition_strategy
-    builder.kfac_approx = kfac_approx
+    builder.kfac_approx, builder.column_chunks = kfac_approx, column_chunks
     outputs: dict[str, Node] = {}
     for qname in quantities:
         q = get_quantity(qname)
@@ -230,6 +251,27 @@ def derive(forward: Program, quantities: Sequence[str], spec: LossSpec, dtype: t
     if notes is not None:
         notes.update(builder.notes)
     return Program.of(outputs)
+
+
+def sum_parts(parts: list[dict[str, Node]]) -> dict[str, Node]:
+    """Per key, the sum of the column chunks' parts, scheduled chunk after chunk: each chunk's
+    results are flattened into one vector and the vectors are added, so the program's
+    depth-first order finishes one chunk's backward pass before the next one starts (and its
+    cotangents die first). One part is returned as it is."""
+    if len(parts) == 1:
+        return parts[0]
+    keys = list(parts[0])
+    sizes = [math.prod(parts[0][k].shape) for k in keys]
+    total = None
+    for part in parts:
+        flat = B.cat([B.reshape(part[k], (n,)) for k, n in zip(keys, sizes)], 0)
+        total = flat if total is None else B.add(total, flat)
+    out, at = {}, 0
+    for k, n in zip(keys, sizes):
+        ref = parts[0][k]
+        out[k] = B.reshape(B.slice_(total, 0, at, at + n), ref.shape, ref.indices)
+        at += n
+    return out
 
 
 def square_sum(t: Node, keep_lead: str, lead: int, metric: bool) -> Node:

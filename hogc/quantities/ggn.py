@@ -9,13 +9,15 @@ from hogc.passes.push_forward import push_forward
 from ..capture.losses import num_columns
 from ..errors import HogcError
 from ..ir import COLUMN, Index, Node, Op, Variance, build as B, dual
-from .builder import DerivativeBuilder, square_sum
+from .builder import DerivativeBuilder, square_sum, sum_parts
 from .registry import MAX_ELEMENTS, register_quantity
 
 
 def ggn_diagonals(b: DerivativeBuilder, per_sample: bool) -> dict[str, Node]:
     """GGN diagonals per parameter, summed over samples or per sample (shared with hessian_diag)."""
-    return {k: square_sum(v, B.letters(2)[1] if per_sample else "", 2, metric=False) for k, v in b.sqrt_ggn.items()}
+    keep = B.letters(2)[1] if per_sample else ""
+    return sum_parts([{k: square_sum(v, keep, 2, metric=False) for k, v in part.items()}
+                      for part in b.sqrt_ggn_parts(False)])
 
 
 @register_quantity("ggn_diag")
@@ -33,7 +35,8 @@ def _batch_ggn_diag(b):
 @register_quantity("ggn_diag_mc")
 def _ggn_diag_mc(b):
     """Monte-Carlo GGN diagonal (Fisher with sampled targets), mc_samples columns."""
-    return {k: square_sum(v, "", 2, metric=False) for k, v in b.sqrt_ggn_mc.items()}
+    return sum_parts([{k: square_sum(v, "", 2, metric=False) for k, v in part.items()}
+                      for part in b.sqrt_ggn_parts(True)])
 
 
 # --- GGN blocks, full matrix, factor, products, spectrum ------------------------------------

@@ -9,7 +9,7 @@ from hogc.passes import elementwise as E
 from ..capture.losses import num_columns
 from ..errors import UnsupportedOpError
 from ..ir import COLUMN, Index, Node, Op, Variance, build as B, dual
-from .builder import DerivativeBuilder
+from .builder import DerivativeBuilder, sum_parts
 from .registry import register_quantity
 
 
@@ -62,19 +62,23 @@ def _kronecker(b: DerivativeBuilder, mc: bool) -> dict[str, Node]:
         raise UnsupportedOpError("no parameter is used exactly once as the weight of a linear map (F.linear(x, W, "
                                  "b) or x @ W.T + b) or of a one-group convolution, so there are no Kronecker "
                                  "factors to compute")
-    cots = b.column_cotangents(mc, {f"z{k}": z for k, (_, z, _) in (sites | convs).items()})
-    out = {}
-    for name, (kind, z, x) in (sites | convs).items():
-        g = cots[f"z{name}"]  # (c, n, ...): linear (c, n, *positions, C_out), conv (c, n, C_out, *positions)
-        conv = kind.startswith("conv")
-        o = 2 if conv else g.ndim - 1
-        approx = b.kfac_approx or ("backpack" if conv else "expand")
-        out[f"{name}/0"] = _output_factor(g, o, approx)
+    maps = sites | convs
+    approx = {name: b.kfac_approx or ("backpack" if kind.startswith("conv") else "expand")
+              for name, (kind, _, _) in maps.items()}
+
+    def output_factors(cots):  # g: (c, n, ...): linear (c, n, *positions, C_out), conv (c, n, C_out, *positions)
+        return {f"{name}/0": _output_factor(g := cots[f"z{name}"], 2 if kind.startswith("conv") else g.ndim - 1,
+                                            approx[name]) for name, (kind, _, _) in maps.items()}
+
+    # output-side factors sum over the square-root columns: one part per column chunk
+    out = sum_parts([output_factors(cots) for cots in
+                     b.column_cotangents(mc, {f"z{k}": z for k, (_, z, _) in maps.items()})])
+    for name, (kind, z, x) in maps.items():
         if kind == "conv_weight":  # x is the unfolded input (n, C_in, *taps, *positions)
             d = (x.ndim - 2) // 2
-            out[f"{name}/1"] = _input_factor(x, list(range(1, 2 + d)), approx, b.N)
+            out[f"{name}/1"] = _input_factor(x, list(range(1, 2 + d)), approx[name], b.N)
         elif kind == "weight":
-            out[f"{name}/1"] = _input_factor(x, [x.ndim - 1], approx, b.N)
+            out[f"{name}/1"] = _input_factor(x, [x.ndim - 1], approx[name], b.N)
     return out
 
 

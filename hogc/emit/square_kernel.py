@@ -41,15 +41,13 @@ TILE = (32, 32, 32)
 class SquareProblem:
     """``V[gk, gr, m, n] = sum_k A[..] B[..]``, summed squares kept on ``gk`` and the kept letters."""
 
-    a_order: str  # A's letters in the order (gk, gr, lm, r, k)
-    b_order: str  # B's letters in the order (gk, gr, ln, k, c)
+    a_groups: tuple[str, ...]  # A's letters per kernel axis (gk, gr, lm, r, k)
+    b_groups: tuple[str, ...]  # B's letters per kernel axis (gk, gr, ln, k, c)
     groups: tuple[int, int, int, int, int, int, int]  # sizes GK, GR, LM, LN, R, C, K
     sum_rows: bool  # the tile rows are summed letters (the result keeps none of A's own letters)
     sum_cols: bool
     kept: str  # the result's letters in the order the kernel leaves them (gk, kept rows, kept cols)
     kept_shape: tuple[int, ...]
-    a_groups: tuple[str, ...] = ()  # A's letters per kernel axis (gk, gr, lm, r, k)
-    b_groups: tuple[str, ...] = ()  # B's letters per kernel axis (gk, gr, ln, k, c)
 
     @property
     def product_elements(self) -> int:
@@ -97,10 +95,9 @@ def square_problem(product: str, square: str, sizes: dict[str, int]) -> SquarePr
         return math.prod(sizes[c] for c in letters)
 
     kept = gk + mk + nk
-    return SquareProblem("".join(gk + gr + lm + rows + k), "".join(gk + gr + ln + k + cols),
+    return SquareProblem(tuple("".join(x) for x in (gk, gr, lm, rows, k)), tuple("".join(x) for x in (gk, gr, ln, k, cols)),
                          (size(gk), size(gr), size(lm), size(ln), size(rows), size(cols), size(k)),
-                         not mk, not nk, "".join(kept), tuple(sizes[c] for c in kept),
-                         tuple("".join(x) for x in (gk, gr, lm, rows, k)), tuple("".join(x) for x in (gk, gr, ln, k, cols)))
+                         not mk, not nk, "".join(kept), tuple(sizes[c] for c in kept))
 
 
 def triton_available(device_type: str) -> bool:
@@ -210,8 +207,8 @@ def _launch(a: torch.Tensor, b: torch.Tensor, product: str, square: str) -> torc
     kernel, tl = _kernel()
     sa, sb = product.split("->")[0].split(",")
     GK, GR, LM, LN, R, C, K = p.groups
-    A = _arranged(a, sa, p.a_order, (GK, GR, LM, R, K))
-    Bm = _arranged(b, sb, p.b_order, (GK, GR, LN, K, C))
+    A = _arranged(a, sa, "".join(p.a_groups), (GK, GR, LM, R, K))
+    Bm = _arranged(b, sb, "".join(p.b_groups), (GK, GR, LN, K, C))
     BR, BC, BK = TILE
     tiles_r, tiles_c = -(-R // BR), -(-C // BC)
     acc = torch.float64 if a.dtype == torch.float64 else torch.float32

@@ -116,31 +116,12 @@ class CompiledFunction:
         shapes = {k: tuple(p.shape) for k, p in self.model.named_parameters() if p.requires_grad}
         dtype = x.dtype if x.is_floating_point() else next(p.dtype for _, p in self.model.named_parameters())
         itemsize = torch.empty((), dtype=dtype).element_size()
-        passes = optimization_pipeline(self.optimize, self.memory_budget, itemsize, x.device.type)
-        chunks, before, last = 1, None, None
-        while True:  # a budget the sliced networks miss: the square-root columns in ever more chunks
-            tried = dict(notes)
-            unopt = derive(forward, self.quantities, self.spec, dtype, shapes, self.mc_samples, self.top_k, tried,
-                           self.partition, self.direction is not None, x.device.type, self.partition_strategy,
-                           self.kfac_approx, chunks)
-            if before is not None and all(a is b for a, b in zip(unopt.outputs.values(), before.outputs.values())):
-                raise last  # no quantity sums over the columns: chunking changes nothing
-            try:
-                program = run_pipeline(unopt, passes, self.verify)
-                break
-            except MemoryBudgetError as e:
-                columns = max((n.shape[0] for n in unopt.nodes
-                               if n.op in (Op.LOSS_SQRT_HESSIAN, Op.LOSS_SQRT_HESSIAN_MC)), default=1)
-                if chunks >= columns:
-                    if chunks > 1:
-                        raise MemoryBudgetError(f"{e} (with the square-root columns already in {chunks} chunks, "
-                                                f"one backward pass each)") from None
-                    raise
-                chunks, before, last = min(2 * chunks, columns), unopt, e
-        notes = tried
-        if chunks > 1:
-            notes["columns"] = (f"square-root columns in {chunks} chunks, one backward pass each, to meet "
-                                f"memory_budget={self.memory_budget}")
+        def derived(chunks: int) -> Program:
+            return derive(forward, self.quantities, self.spec, dtype, shapes, self.mc_samples, self.top_k, notes,
+                          self.partition, self.direction is not None, x.device.type, self.partition_strategy,
+                          self.kfac_approx, chunks)
+
+        unopt, program = self._within_budget(derived, itemsize, x.device.type, notes)
         used = {n.arg for n in program.inputs()}
         order = [("param", k) for k, p in self.model.named_parameters() if p.requires_grad] + \
                 [("buffer", k) for k, p in self.model.named_parameters() if not p.requires_grad] + \
@@ -155,6 +136,33 @@ class CompiledFunction:
         classes = out.shape[1] if self.spec.kind == "cross_entropy" else None
         notes = {k: v for k, v in notes.items() if k in self.quantities or k in ("samples", "backend", "columns")}
         return _Specialization(program, unopt, gm, inputs, classes, notes, itemsize, coupled, run)
+
+    def _within_budget(self, derived, itemsize: int, device_type: str, notes: dict[str, str]):
+        """(derivative program, optimized program) from ``derived(column_chunks)``. A memory budget
+        that slicing the networks cannot meet derives the program again with the square-root
+        columns in 2, 4, ... chunks, one backward pass each, until it fits or every column is its
+        own chunk (then the last MemoryBudgetError stands)."""
+        passes = optimization_pipeline(self.optimize, self.memory_budget, itemsize, device_type)
+        chunks = 1
+        unopt = derived(chunks)
+        while True:
+            try:
+                program = run_pipeline(unopt, passes, self.verify)
+                break
+            except MemoryBudgetError as e:
+                columns = max((n.shape[0] for n in unopt.nodes
+                               if n.op in (Op.LOSS_SQRT_HESSIAN, Op.LOSS_SQRT_HESSIAN_MC)), default=1)
+                more = derived(min(2 * chunks, columns)) if chunks < columns else unopt
+                if all(a is b for a, b in zip(more.outputs.values(), unopt.outputs.values())):
+                    if chunks > 1:  # every column its own chunk, or no quantity sums over the columns
+                        raise MemoryBudgetError(f"{e} (with the square-root columns already in {chunks} chunks, "
+                                                f"one backward pass each)") from None
+                    raise
+                chunks, unopt = min(2 * chunks, columns), more
+        if chunks > 1:
+            notes["columns"] = (f"square-root columns in {chunks} chunks, one backward pass each, to meet "
+                                f"memory_budget={self.memory_budget}")
+        return unopt, program
 
     def _coupled(self, captured: Program, err: SampleMixingError, notes: dict[str, str]) -> Program:
         """A model that couples its samples (train-mode BatchNorm, a mean over the batch): batch

@@ -80,8 +80,8 @@ def categorical(p: torch.Tensor, seed: torch.Tensor, stream: int, draws: int) ->
     u = uniform(seed, stream, (draws, p.shape[0]), torch.float64, p.device)
     cdf = torch.cumsum(p.to(torch.float64), dim=1)
     cdf = cdf / cdf[:, -1:]
-    idx = torch.searchsorted(cdf.unsqueeze(0).expand(draws, -1, -1).contiguous(), u.unsqueeze(-1))
-    return idx.squeeze(-1).clamp_(max=p.shape[1] - 1)
+    below = (cdf.unsqueeze(0) < u.unsqueeze(-1)).sum(-1)  # the first class whose cdf reaches u
+    return below.clamp_(max=p.shape[1] - 1)
 
 
 def dropout_mask(x: torch.Tensor, seed: torch.Tensor, p: float, stream: int) -> torch.Tensor:

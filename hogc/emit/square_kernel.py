@@ -50,6 +50,13 @@ class SquareProblem:
     kept_shape: tuple[int, ...]
 
     @property
+    def partial_shape(self) -> tuple[int, int, int]:
+        """The kernel's output: (GK, rows or row tiles, columns or column tiles), one partial sum
+        per tile along a summed tile axis."""
+        GK, _, _, _, R, C, _ = self.groups
+        return (GK, -(-R // TILE[0]) if self.sum_rows else R, -(-C // TILE[1]) if self.sum_cols else C)
+
+    @property
     def product_elements(self) -> int:
         gk, gr, lm, ln, r, c, _ = self.groups
         return gk * gr * lm * ln * r * c
@@ -161,12 +168,10 @@ def square_transient(node) -> int:
     """Elements a SQUARE_PRODUCT node allocates besides its result while it runs: the operands
     arranged in the kernel's order (when that is not their own) and the per-tile partial sums."""
     prod, sq = equations(*node.arg[:2])
-    (sa, sb), sizes = prod.split("->")[0].split(","), {}
-    for s, x in zip((sa, sb), node.src):
-        sizes.update(zip(s, x.shape))
+    sa, sb = prod.split("->")[0].split(",")
+    sizes = _sizes(*(x.shape for x in node.src), prod)
     p = square_problem(prod, sq, sizes)
-    GK, GR, LM, LN, R, C, K = p.groups
-    parts = GK * (-(-R // TILE[0]) if p.sum_rows else R) * (-(-C // TILE[1]) if p.sum_cols else C)
+    parts = math.prod(p.partial_shape)
     copies = sum(math.prod(x.shape) for s, groups, x in ((sa, p.a_groups, node.src[0]), (sb, p.b_groups, node.src[1]))
                  if not _views(s, groups, sizes, x))
     return parts + copies
@@ -186,9 +191,9 @@ def _views(have: str, groups: tuple[str, ...], sizes: dict[str, int], x) -> bool
     return True
 
 
-def _sizes(a: torch.Tensor, b: torch.Tensor, product: str) -> dict[str, int]:
+def _sizes(a_shape, b_shape, product: str) -> dict[str, int]:
     sa, sb = product.split("->")[0].split(",")
-    return {**dict(zip(sa, a.shape)), **dict(zip(sb, b.shape))}
+    return {**dict(zip(sa, a_shape)), **dict(zip(sb, b_shape))}
 
 
 def _arranged(x: torch.Tensor, have: str, want: str, shape: tuple[int, ...]) -> torch.Tensor:
@@ -197,7 +202,7 @@ def _arranged(x: torch.Tensor, have: str, want: str, shape: tuple[int, ...]) -> 
 
 
 def _launch(a: torch.Tensor, b: torch.Tensor, product: str, square: str) -> torch.Tensor:
-    sizes = _sizes(a, b, product)
+    sizes = _sizes(a.shape, b.shape, product)
     p = square_problem(product, square, sizes)
     if p is None:
         raise ValueError(f"square_product: '{product}' squared as '{square}' is not a product the kernel takes")
@@ -212,7 +217,7 @@ def _launch(a: torch.Tensor, b: torch.Tensor, product: str, square: str) -> torc
     BR, BC, BK = TILE
     tiles_r, tiles_c = -(-R // BR), -(-C // BC)
     acc = torch.float64 if a.dtype == torch.float64 else torch.float32
-    O = torch.empty((GK, tiles_r if p.sum_rows else R, tiles_c if p.sum_cols else C), dtype=acc, device=a.device)
+    O = torch.empty(p.partial_shape, dtype=acc, device=a.device)
     tf32 = a.dtype == torch.float32 and a.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
     kernel[(GK, tiles_r, tiles_c)](
         A, Bm, O, GR, LM, LN, R, C, K, *A.stride()[:2], A.stride(2), A.stride(3), A.stride(4),
@@ -226,7 +231,7 @@ def _launch(a: torch.Tensor, b: torch.Tensor, product: str, square: str) -> torc
 
 
 def _result_shape(a: torch.Tensor, b: torch.Tensor, product: str, square: str) -> list[int]:
-    sizes = _sizes(a, b, product)
+    sizes = _sizes(a.shape, b.shape, product)
     return [sizes[c] for c in square.split("->")[1]]
 
 

@@ -6,9 +6,8 @@ import math
 
 from hogc.passes.push_forward import push_forward
 
-from ..capture.losses import num_columns
 from ..errors import HogcError
-from ..ir import COLUMN, Index, Node, Op, Variance, build as B, dual
+from ..ir import Index, Node, Op, Variance, build as B
 from .builder import DerivativeBuilder, square_sum, sum_parts
 from .registry import MAX_ELEMENTS, register_quantity
 
@@ -95,8 +94,7 @@ def _ggnvp(b):
     tangents = {b.params[k].uid: B.reshape(v, (1,) + v.shape, (s,) + v.indices) for k, v in b.vector.items()}
     Jv = push_forward({"o": b.output}, tangents)["o"]  # (s, n, ...) at the model output
     out_l = B.letters(b.output.ndim, 2)
-    c = Index("c", num_columns(b.spec, b.output.shape), COLUMN, Variance.BATCH)
-    S = Node(Op.LOSS_SQRT_HESSIAN, (b.output, b.target), b.spec, (c,) + dual(b.output.indices))
+    S = b.column_seed(mc=False)
     if Jv is None:
         seed = B.scale(B.einsum(["a" + out_l], out_l, [S]), 0.0)
     else:

@@ -184,16 +184,18 @@ def test_partition_cubic_model_of_the_loss():
     assert e2 < e1 / 10  # fourth order: halving h divides the error by about 16
 
 
-def test_sqrt_hessian_jvp_is_finite_when_a_probability_underflows():
+@pytest.mark.parametrize("columns", [None, 2], ids=["full", "rank C-1"])
+def test_sqrt_hessian_jvp_is_finite_when_a_probability_underflows(columns):
     from hogc.emit import runtime as R
 
     f = torch.tensor([[0.0, 200.0, -300.0]])  # float32: exp(-300) and exp(-200) underflow to 0
     t = torch.randn(2, 1, 3)
-    assert torch.isfinite(R.loss_sqrt_hessian_jvp(f, torch.tensor([1]), t, "cross_entropy", "sum")).all()
+    got = R.loss_sqrt_hessian_jvp(f, torch.tensor([1]), t, "cross_entropy", "sum", -100, 0.0, columns)
+    assert torch.isfinite(got).all()
     f64, t64 = f.double().clamp(-30, 30), t.double()  # no underflow: the limit value agrees with jvp
-    got = R.loss_sqrt_hessian_jvp(f64, torch.tensor([1]), t64, "cross_entropy", "sum")
-    _, want = torch.func.jvp(lambda z: R.loss_sqrt_hessian(z, torch.tensor([1]), "cross_entropy", "sum"), (f64,),
-                             (t64[0],))
+    got = R.loss_sqrt_hessian_jvp(f64, torch.tensor([1]), t64, "cross_entropy", "sum", -100, 0.0, columns)
+    _, want = torch.func.jvp(lambda z: R.loss_sqrt_hessian(z, torch.tensor([1]), "cross_entropy", "sum", -100, 0.0,
+                                                           columns), (f64,), (t64[0],))
     torch.testing.assert_close(got[0], want)
 
 

@@ -1,6 +1,8 @@
 """Every registered quantity on every registry model equals a float64 torch.func reference."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -110,6 +112,29 @@ def test_loss_hessian_square_root(compiled):
     S = R.loss_sqrt_hessian(ref.out, ref.y, *ref.spec())
     Sf = S.reshape(S.shape[0], S.shape[1], -1)
     close(torch.einsum("cno,cnp->nop", Sf, Sf), ref.output_hessians())
+
+
+@pytest.mark.parametrize("shape", [(5, 4), (3, 4, 2, 3), (2, 2), (4, 1)], ids=["rows", "positions", "C=2", "C=1"])
+def test_cross_entropy_factor_has_rank_c_minus_1(shape):
+    """The reduced factor (C - 1 columns per position, a Householder basis) and BackPACK's C-column one
+    both give diag(p) - p p^T per position, also where one class takes all the probability."""
+    from hogc.capture.losses import loss_spec, num_columns
+
+    torch.manual_seed(0)
+    f = torch.randn(shape, dtype=torch.float64) * 3
+    f[0, -1] = 60.0  # p -> e_C: the reflection's pivot; and p -> 0 elsewhere
+    y = torch.randint(0, shape[1], (shape[0],) + shape[2:])
+    spec = loss_spec(torch.nn.CrossEntropyLoss())
+    K, full = num_columns(spec, shape), num_columns(spec, shape, full=True)
+    C = shape[1]
+    assert full == math.prod(shape[1:]) and K == (full // C * (C - 1) if C > 1 else full)
+    want = torch.func.hessian(lambda z: torch.nn.functional.cross_entropy(z, y))(f).reshape(
+        shape[0], full, shape[0], full).diagonal(dim1=0, dim2=2).movedim(-1, 0)  # per sample (N, o, o')
+    for cols in (K, full):
+        S = R.loss_sqrt_hessian(f, y, "cross_entropy", "mean", -100, 0.0, cols)
+        assert S.shape == (cols,) + shape and torch.isfinite(S).all()
+        Sf = S.reshape(cols, shape[0], -1)
+        close(torch.einsum("cno,cnp->nop", Sf, Sf), want)
 
 
 def test_ggn_diag_mc_is_exact_for_its_draws(compiled):

@@ -59,10 +59,16 @@ def check_target(spec: LossSpec, out_shape: tuple[int, ...], y: torch.Tensor) ->
             raise TargetShapeError(f"{spec.kind} target must be floating point, got {y.dtype}")
 
 
-def num_columns(spec: LossSpec, out_shape: tuple[int, ...]) -> int:
+def num_columns(spec: LossSpec, out_shape: tuple[int, ...], full: bool = False) -> int:
     """Number of columns of the exact loss-Hessian square root: the output size per sample (for
-    cross-entropy over extra positions, C per position: the Hessian is block-diagonal over them)."""
-    return math.prod(out_shape[1:])
+    cross-entropy over extra positions, per position: the Hessian is block-diagonal over them).
+    Cross-entropy's Hessian ``diag(p) - p p^T`` has rank C - 1 (``p`` is in its null space), so its
+    factor has C - 1 columns per position, one backward pass fewer than BackPACK's C; ``full``
+    asks for BackPACK's C columns (the ``sqrt_ggn`` quantity's layout)."""
+    size = math.prod(out_shape[1:])
+    if spec.kind == "cross_entropy" and not full and out_shape[1] > 1:
+        return size // out_shape[1] * (out_shape[1] - 1)
+    return size
 
 
 def check_class_range(y: torch.Tensor, num_classes: int, ignore_index: int = -100) -> None:

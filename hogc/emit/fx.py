@@ -295,12 +295,12 @@ def _loss_grad(g, node, args, gm):
 
 @emitter(Op.LOSS_SQRT_HESSIAN)
 def _loss_sqrt(g, node, args, gm):
-    return _fn(g, R.loss_sqrt_hessian, *args, *node.arg.runtime_args())
+    return _fn(g, R.loss_sqrt_hessian, *args, *node.arg.runtime_args(), node.shape[0])
 
 
 @emitter(Op.LOSS_SQRT_HESSIAN_JVP)
 def _loss_sqrt_jvp(g, node, args, gm):
-    return _fn(g, R.loss_sqrt_hessian_jvp, *args, *node.arg.runtime_args())
+    return _fn(g, R.loss_sqrt_hessian_jvp, *args, *node.arg.runtime_args(), node.shape[1])
 
 
 @emitter(Op.LOSS_SQRT_HESSIAN_MC)

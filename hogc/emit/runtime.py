@@ -2,8 +2,9 @@
 
 For a loss ``L = r * sum_n l(f_n, y_n)`` (``r`` = 1 for reduction='sum', 1/N for
 CrossEntropyLoss 'mean', 1/numel for MSELoss/BCEWithLogitsLoss 'mean', as torch defines
-them), ``loss_sqrt_hessian`` returns ``S`` of shape ``(C, *f.shape)`` with
-``sum_c S[c, n] S[c, n]^T = d^2 L / d f_n^2`` for every sample ``n``. Cross-entropy logits may
+them), ``loss_sqrt_hessian`` returns ``S`` of shape ``(K, *f.shape)`` with
+``sum_c S[c, n] S[c, n]^T = d^2 L / d f_n^2`` for every sample ``n`` (K = C, or C - 1 per
+position for cross-entropy, whose Hessian has rank C - 1). Cross-entropy logits may
 carry extra axes ``(N, C, *E)`` (a loss per token or pixel); each position is one softmax,
 ``ignore_index`` positions weigh 0 and 'mean' divides by the positions kept, as torch does.
 """
@@ -40,15 +41,15 @@ def _unrows(rows: torch.Tensor, f_shape, lead: int, at: int) -> torch.Tensor:
 
 
 def _per_position(S: torch.Tensor, f_shape, lead: int) -> torch.Tensor:
-    """Columns of each position on its own: (*lead, c, R, o) rows -> (*lead, C * prod(E), N, C, *E),
-    column (c, e) nonzero only at position e (the loss Hessian is block-diagonal over positions)."""
+    """Columns of each position on its own: (*lead, K, R, o) rows -> (*lead, K * prod(E), N, C, *E),
+    column (k, e) nonzero only at position e (the loss Hessian is block-diagonal over positions)."""
     N, C, E = f_shape[0], f_shape[1], tuple(f_shape[2:])
-    P = math.prod(E)
+    P, K = math.prod(E), S.shape[lead]
     lead_shape = S.shape[:lead]
-    out = S.new_zeros(lead_shape + (C, P, N, C, P))
-    rows = S.reshape(lead_shape + (C, N, P, C)).movedim(-1, -2)  # (*lead, c, N, o, e)
+    out = S.new_zeros(lead_shape + (K, P, N, C, P))
+    rows = S.reshape(lead_shape + (K, N, P, C)).movedim(-1, -2)  # (*lead, k, N, o, e)
     out.diagonal(dim1=lead + 1, dim2=lead + 4).copy_(rows)
-    return out.reshape(lead_shape + (C * P, N, C) + E)
+    return out.reshape(lead_shape + (K * P, N, C) + E)
 
 
 def _ce_weights(f: torch.Tensor, y: torch.Tensor, reduction: str, ignore_index: int) -> torch.Tensor:
@@ -89,16 +90,46 @@ def loss_grad(f: torch.Tensor, y: torch.Tensor, kind: str, reduction: str, ignor
     return (torch.sigmoid(f) - y).mul_(r)
 
 
+def _ce_factor(p: torch.Tensor, reduced: bool) -> torch.Tensor:
+    """A factor of ``diag(p) - p p^T`` per row of ``p`` (R, C), columns first: (K, R, C).
+
+    Full (K = C, BackPACK's): ``S = diag(q) - p q^T`` with ``q = sqrt(p)``. Reduced (K = C - 1):
+    ``diag(p) - p p^T = diag(q) (I - q q^T) diag(q)`` and ``|q| = 1``, so any orthonormal basis of
+    ``q``'s complement gives a factor. The Householder reflection ``P = I - w w^T / (1 + q_C)``,
+    ``w = q + e_C``, maps ``q`` to ``-e_C``; its first C - 1 columns are that basis, and
+    ``1 + q_C >= 1`` keeps it stable. Column j: ``S[j, o] = q_o (delta_jo - w_o a_j)``, ``a = q / (1 + q_C)``.
+    """
+    q = p.sqrt()
+    if not reduced:
+        S = (q.t().contiguous().unsqueeze(2) * p.unsqueeze(0)).neg_()  # (c, R, o): -sqrt(p_c) p_o
+        S.diagonal(dim1=0, dim2=2).add_(q)
+        return S
+    a, u = _householder(q)
+    S = (a.t().contiguous().unsqueeze(2) * u.unsqueeze(0)).neg_()  # (j, R, o): -a_j q_o w_o
+    S.diagonal(dim1=0, dim2=2).add_(q[:, :-1])
+    return S
+
+
+def _householder(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, u) of the reduced factor: ``a = q_{<C} / (1 + q_C)`` (R, C-1), ``u = q * w`` (R, C)."""
+    w = torch.cat([q[:, :-1], q[:, -1:] + 1], dim=1)
+    return q[:, :-1] / w[:, -1:], q * w
+
+
+def _ce_reduced(f: torch.Tensor, columns: int) -> bool:
+    """Whether a cross-entropy factor with ``columns`` columns is the rank-(C-1) one."""
+    C = f.shape[1]
+    return C > 1 and columns == math.prod(f.shape[2:]) * (C - 1)
+
+
 def loss_sqrt_hessian(f: torch.Tensor, y: torch.Tensor, kind: str, reduction: str, ignore_index: int = -100,
-                      smoothing: float = 0.0) -> torch.Tensor:
-    """Exact symmetric factorization, shape (C, *f.shape). Label smoothing leaves the Hessian as is."""
+                      smoothing: float = 0.0, columns: int | None = None) -> torch.Tensor:
+    """Exact symmetric factorization, shape (K, *f.shape): K = ``columns`` (``num_columns``; for
+    cross-entropy C - 1 or C per position). Label smoothing leaves the Hessian as is."""
     N = f.shape[0]
     if kind == "cross_entropy":
-        # d2l/df2 = diag(p) - p p^T = S S^T with S = diag(sqrt p) - p sqrt(p)^T, per position
-        p = torch.softmax(_rows(f), dim=1)
-        sp = p.sqrt()
-        S = (sp.t().contiguous().unsqueeze(2) * p.unsqueeze(0)).neg_()  # (c, R, o): -sqrt(p_c) p_o, contiguous
-        S.diagonal(dim1=0, dim2=2).add_(sp)
+        reduced = columns is not None and _ce_reduced(f, columns)
+        S = _ce_factor(torch.softmax(_rows(f), dim=1), reduced)
         S.mul_(_ce_weights(f, y, reduction, ignore_index).sqrt()[None, :, None])
         return S if f.ndim == 2 else _per_position(S, f.shape, 0)
     r = math.sqrt(_scale(reduction, f))
@@ -114,20 +145,30 @@ def loss_sqrt_hessian(f: torch.Tensor, y: torch.Tensor, kind: str, reduction: st
 
 
 def loss_sqrt_hessian_jvp(f: torch.Tensor, y: torch.Tensor, t: torch.Tensor, kind: str, reduction: str,
-                          ignore_index: int = -100, smoothing: float = 0.0) -> torch.Tensor:
-    """Directional derivative of ``loss_sqrt_hessian`` along each tangent ``t[s]`` (shape
-    ``(S, *f.shape)``): shape ``(S, C, *f.shape)``. It carries the loss's third derivative."""
+                          ignore_index: int = -100, smoothing: float = 0.0, columns: int | None = None) -> torch.Tensor:
+    """Directional derivative of ``loss_sqrt_hessian`` (with the same ``columns``) along each tangent
+    ``t[s]`` (shape ``(S, *f.shape)``): shape ``(S, K, *f.shape)``. It carries the loss's third derivative."""
     S_, N = t.shape[0], f.shape[0]
     if kind == "cross_entropy":
-        # S[c, o] = delta_co sqrt(p_c) - sqrt(p_c) p_o;  dp = p t - p (p . t);  dsqrt(p) = dp / (2 sqrt p)
         p = torch.softmax(_rows(f), dim=1)
         t = t.movedim(2, -1).reshape(S_, -1, f.shape[1])  # (S, R, C)
-        sp = p.sqrt()
+        q = p.sqrt()
         dp = p * t - p * (p * t).sum(-1, keepdim=True)  # (S, R, C)
-        dsp = torch.where(sp > 0, dp / (2 * sp).clamp_min(torch.finfo(sp.dtype).tiny), 0.0)  # p -> 0: limit 0
-        out = -(dsp.transpose(1, 2).unsqueeze(3) * p.unsqueeze(0).unsqueeze(0))  # (S, c, R, o): -dsqrt(p_c) p_o
-        out -= sp.t().unsqueeze(0).unsqueeze(3) * dp.unsqueeze(1)  # -sqrt(p_c) dp_o
-        out.diagonal(dim1=1, dim2=3).add_(dsp)
+        dq = q * (t - (p * t).sum(-1, keepdim=True)) / 2  # dp / (2 sqrt p), finite as p -> 0
+        if columns is not None and _ce_reduced(f, columns):
+            # S[j, o] = q_o delta_jo - a_j u_o with u = q w, w = q + e_C, a = q_{<C} / (1 + q_C)
+            a, u = _householder(q)
+            dw = dq
+            du = dq * torch.cat([q[:, :-1], q[:, -1:] + 1], dim=1) + q * dw
+            da = dq[..., :-1] / (1 + q[:, -1:]) - a * dq[..., -1:] / (1 + q[:, -1:])
+            out = -(da.transpose(1, 2).unsqueeze(3) * u.unsqueeze(0).unsqueeze(0))  # (S, j, R, o)
+            out -= a.t().unsqueeze(0).unsqueeze(3) * du.unsqueeze(1)
+            out.diagonal(dim1=1, dim2=3).add_(dq[..., :-1])
+        else:
+            # S[c, o] = delta_co sqrt(p_c) - sqrt(p_c) p_o
+            out = -(dq.transpose(1, 2).unsqueeze(3) * p.unsqueeze(0).unsqueeze(0))  # (S, c, R, o): -dsqrt(p_c) p_o
+            out -= q.t().unsqueeze(0).unsqueeze(3) * dp.unsqueeze(1)  # -sqrt(p_c) dp_o
+            out.diagonal(dim1=1, dim2=3).add_(dq)
         out.mul_(_ce_weights(f, y, reduction, ignore_index).sqrt()[None, None, :, None])
         return out if f.ndim == 2 else _per_position(out, f.shape, 1)
     r = math.sqrt(_scale(reduction, f))

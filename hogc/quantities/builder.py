@@ -71,13 +71,15 @@ class DerivativeBuilder:
         seed = Node(Op.LOSS_GRAD, (self.output, self.target), self.spec, dual(self.output.indices))
         return self._backprop(seed, ())
 
-    def column_seed(self, mc: bool) -> Node:
-        """The loss-Hessian square root S at the output, columns first: exact (c) or Monte-Carlo (m)."""
+    def column_seed(self, mc: bool, full: bool = False) -> Node:
+        """The loss-Hessian square root S at the output, columns first: exact (c) or Monte-Carlo (m).
+        The exact one has the Hessian's rank of columns (cross-entropy: C - 1), or BackPACK's C
+        with ``full``."""
         if mc:
             c = Index("m", self.mc_samples, COLUMN, Variance.BATCH)
             return Node(Op.LOSS_SQRT_HESSIAN_MC, (self.output, self.target, self.rng), (self.spec, self.mc_samples),
                         (c,) + dual(self.output.indices))
-        c = Index("c", num_columns(self.spec, self.output.shape), COLUMN, Variance.BATCH)
+        c = Index("c", num_columns(self.spec, self.output.shape, full), COLUMN, Variance.BATCH)
         return Node(Op.LOSS_SQRT_HESSIAN, (self.output, self.target), self.spec, (c,) + dual(self.output.indices))
 
     def _seeds(self, mc: bool) -> list[Node]:
@@ -91,6 +93,12 @@ class DerivativeBuilder:
     @cached_property
     def sqrt_ggn(self) -> dict[str, Node]:
         seed = self.column_seed(False)
+        return self._backprop(seed, seed.indices[:1])
+
+    @cached_property
+    def sqrt_ggn_full(self) -> dict[str, Node]:
+        """``sqrt_ggn`` with BackPACK's C columns for cross-entropy (the ``sqrt_ggn`` quantity)."""
+        seed = self.column_seed(False, full=True)
         return self._backprop(seed, seed.indices[:1])
 
     @cached_property

@@ -57,8 +57,9 @@ def _flat_columns(b: DerivativeBuilder) -> Node:
 
 @register_quantity("sqrt_ggn", per_sample=True)
 def _sqrt_ggn(b):
-    """V with GGN = V V^T: per parameter (C, N, *param), BackPACK's SqrtGGNExact layout."""
-    return dict(b.sqrt_ggn)
+    """V with GGN = V V^T: per parameter (C, N, *param), BackPACK's SqrtGGNExact layout (C columns
+    for cross-entropy too, where the summed quantities backpropagate only C - 1)."""
+    return dict(b.sqrt_ggn_full)
 
 
 @register_quantity("ggn_block")

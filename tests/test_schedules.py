@@ -278,7 +278,7 @@ def test_budget_below_the_column_stack_runs_columns_in_chunks():
     qs = ("ggn_diag", "ggn_diag_mc", "batch_ggn_diag", "kflr", "hessian_diag")
     fn = hogc.compile(model, qs, seed=1, mc_samples=3)
     want = fn(x, y)
-    budget = int(0.6 * peak_memory(lambda: fn(x, y)))
+    budget = int(0.7 * peak_memory(lambda: fn(x, y)))
     fb = hogc.compile(model, qs, seed=1, mc_samples=3, memory_budget=budget)
     got = fb(x, y)
     assert re.match(r"square-root columns in [2-9]\d* chunks", fb.explain().strategies["columns"])

@@ -18,6 +18,7 @@ from hogc.passes.paths import letter_sizes
 from ..ir import Constant, Node, Op, Program
 from ..ir.nondiff import NONDIFF_FUNCTIONS
 from . import runtime as R
+from .contract import batched_product, in_place_plan
 
 __all__ = ["emit", "EMITTERS"]
 
@@ -200,7 +201,56 @@ def einsum_transient(node: Node) -> int:
             if perm != list(range(len(s))) and (len(first) != 1 or len(second) != 1):
                 extra += math.prod(x.shape)
         return extra
+    if len(node.src) == 2 and not any(len(set(t)) < len(t) for t in node.arg.inputs):
+        metas = [_meta(x) for x in node.src]
+        if None not in metas and in_place_plan(_text(node.arg), *metas) is not None:
+            return min(math.prod(x.shape) for x in node.src)  # only the smaller operand may be copied
     return sum(math.prod(x.shape) for x in node.src)
+
+
+def _contiguous(shape) -> tuple[int, ...]:
+    out, acc = [], 1
+    for n in reversed(shape):
+        out.append(acc)
+        acc *= n
+    return tuple(reversed(out))
+
+
+def _strides(node: Node) -> tuple[int, ...] | None:
+    """The strides the emitted code gives ``node``'s tensor, as far as the IR tells: allocating ops
+    write contiguous tensors in index order, slices and permutations view their source, a
+    reshape keeps a contiguous source contiguous and copies a permuted, broadcast or windowed one
+    (as the memory model counts it); None for the rest (broadcasts, windows, other reshapes)."""
+    if node.op is Op.SLICE:
+        src = _strides(node.src[0])
+        if src is None:
+            return None
+        dim, _, _, step = node.arg
+        return src[:dim] + (src[dim] * step,) + src[dim + 1:]
+    if node.op is Op.PERMUTE:
+        src = _strides(node.src[0])
+        return None if src is None else tuple(src[k] for k in node.arg)
+    if node.op is Op.RESHAPE:
+        src = node.src[0]
+        copied = src.op in (Op.PERMUTE, Op.EXPAND, Op.WINDOWS)
+        return _contiguous(node.shape) if copied or _strides(src) == _contiguous(src.shape) else None
+    if node.op in (Op.EXPAND, Op.WINDOWS):
+        return None
+    return _contiguous(node.shape)
+
+
+def _meta(node: Node) -> torch.Tensor | None:
+    st = _strides(node)
+    return None if st is None else torch.empty_strided(node.shape, st, device="meta")
+
+
+def _text(eq) -> str:
+    """An Einsum as torch.einsum's equation text (at most 52 letters)."""
+    letters = dict.fromkeys("".join(eq.inputs) + eq.output)
+    if len(letters) > len(_ASCII):
+        raise ValueError(f"einsum with {len(letters)} indices exceeds torch.einsum's 52 letters")
+    m = dict(zip(letters, _ASCII))
+    return ",".join("".join(m[c] for c in s) for s in eq.inputs) + "->" + "".join(m[c] for c in eq.output)
 
 
 @emitter(Op.EINSUM)
@@ -214,12 +264,9 @@ def _einsum(g, node, args, gm):
         v = _as_matmul(g, node, args)
         if v is not None:
             return v
-    eq = node.arg
-    letters = dict.fromkeys("".join(eq.inputs) + eq.output)
-    if len(letters) > len(_ASCII):
-        raise ValueError(f"einsum with {len(letters)} indices exceeds torch.einsum's 52 letters")
-    m = dict(zip(letters, _ASCII))
-    text = ",".join("".join(m[c] for c in s) for s in eq.inputs) + "->" + "".join(m[c] for c in eq.output)
+    text = _text(node.arg)
+    if len(node.src) == 2 and not diagonal:  # batched: keeps a straddling operand in place (emit/contract.py)
+        return _fn(g, batched_product, text, *args)
     return _fn(g, torch.einsum, text, *args)
 
 

@@ -202,9 +202,11 @@ def einsum_transient(node: Node) -> int:
                 extra += math.prod(x.shape)
         return extra
     if len(node.src) == 2 and not any(len(set(t)) < len(t) for t in node.arg.inputs):
-        metas = [_meta(x) for x in node.src]
-        if None not in metas and in_place_plan(_text(node.arg), *metas) is not None:
-            return min(math.prod(x.shape) for x in node.src)  # only the smaller operand may be copied
+        # the plan reads the larger operand's strides; the smaller one is counted as copied
+        big = max(range(2), key=lambda k: (math.prod(node.src[k].shape), -k))
+        metas = [_meta(x) if k == big else torch.empty(x.shape, device="meta") for k, x in enumerate(node.src)]
+        if metas[big] is not None and in_place_plan(_text(node.arg), *metas) is not None:
+            return min(math.prod(x.shape) for x in node.src)
     return sum(math.prod(x.shape) for x in node.src)
 
 
@@ -232,6 +234,8 @@ def _strides(node: Node) -> tuple[int, ...] | None:
         return None if src is None else tuple(src[k] for k in node.arg)
     if node.op is Op.RESHAPE:
         src = node.src[0]
+        if node.shape == src.shape:
+            return _strides(src)
         copied = src.op in (Op.PERMUTE, Op.EXPAND, Op.WINDOWS)
         return _contiguous(node.shape) if copied or _strides(src) == _contiguous(src.shape) else None
     if node.op in (Op.EXPAND, Op.WINDOWS):

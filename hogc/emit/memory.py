@@ -3,7 +3,7 @@
 Every node that allocates holds ``numel * itemsize`` bytes from its emission until its last
 reader ran (the emitted code drops references right after their last use); views (reshape,
 permute, expand, slice, windows) and in-place accumulations alias their source and keep it
-alive; a reshape of a permuted, expanded or windowed view is a copy. An einsum emitted as broadcast
+alive; a reshape of a permuted, expanded or windowed view to a new shape is a copy. An einsum emitted as broadcast
 multiply-and-sum also holds its full product for the duration of the node, a matrix product
 the operand copies its flattening needs (``fx.einsum_transient``), and an elementwise
 derivative the temporaries of its expression (``elementwise.temporaries``), a fused square
@@ -42,8 +42,10 @@ def predicted_peak(program: Program, itemsize: int = 4) -> MemoryEstimate:
     last: dict[int, int] = {}
     size: dict[int, int] = {}
     for k, n in enumerate(nodes):
-        # reshaping a permuted or expanded view copies it (torch.reshape cannot view it)
-        copies = n.op is Op.RESHAPE and n.src[0].op in (Op.PERMUTE, Op.EXPAND, Op.WINDOWS) and math.prod(n.shape) > 1
+        # reshaping a permuted or expanded view to a new shape copies it (torch.reshape cannot view
+        # it); to its own shape it is a view
+        copies = n.op is Op.RESHAPE and n.src[0].op in (Op.PERMUTE, Op.EXPAND, Op.WINDOWS) and \
+            math.prod(n.shape) > 1 and n.shape != n.src[0].shape
         alias = (n.op in VIEW_OPS and not copies) or n.uid in inplace
         base[n.uid] = base[n.src[0].uid] if alias else n.uid
         size[n.uid] = 0 if n.op in _FREE or alias else math.prod(n.shape) * itemsize

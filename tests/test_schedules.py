@@ -245,7 +245,7 @@ def test_cotengra_strategy_when_installed():
     _compare(got, ref, qs)
 
 
-@pytest.mark.parametrize("case", ["resnet-grad", "resnet-ggn_diag", "c3d3-ggn_diag", "gpt-ggn_diag"])
+@pytest.mark.parametrize("case", ["resnet-grad", "resnet-ggn_diag", "c3d3-ggn_diag", "c3d3-kflr", "gpt-ggn_diag"])
 def test_predicted_peak_matches_the_measured_one_on_the_zoo(case):
     """The liveness model of the emitted code (fn.explain().predicted_peak) within 20% of the
     peak the torch profiler measures, on convolution, pooling and attention programs."""
@@ -263,6 +263,24 @@ def test_predicted_peak_matches_the_measured_one_on_the_zoo(case):
     fn(x, y)
     measured = peak_memory(lambda: fn(x, y))
     assert abs(fn.explain().predicted_peak - measured) <= 0.2 * measured
+
+
+def test_predicted_peak_of_a_chunked_and_sliced_program():
+    """At the smallest budget hogc accepts (columns in chunks, networks sliced, batched products
+    over views, identity reshapes of windows), the prediction stays within 10% of the measured
+    peak: a conservative model would refuse budgets the program meets."""
+    from hogc.zoo import c3d3
+
+    torch.manual_seed(0)
+    model, x, y = c3d3(), torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    with pytest.raises(hogc.MemoryBudgetError) as info:
+        hogc.compile(model, "kflr", memory_budget=1)(x, y)
+    budget = _smallest_reachable(info.value)
+    fn = hogc.compile(model, "kflr", memory_budget=budget)
+    fn(x, y)
+    assert re.match(r"square-root columns in \d+ chunks", fn.explain().strategies["columns"])
+    measured = peak_memory(lambda: fn(x, y))
+    assert measured <= budget and abs(fn.explain().predicted_peak - measured) <= 0.1 * measured
 
 
 def test_budget_below_the_column_stack_runs_columns_in_chunks():

@@ -137,6 +137,18 @@ def test_cross_entropy_factor_has_rank_c_minus_1(shape):
         close(torch.einsum("cno,cnp->nop", Sf, Sf), want)
 
 
+def test_ggn_eigen_past_the_rank_of_c_minus_1_columns_is_zero():
+    """With C - 1 columns the Gram matrix is smaller than BackPACK's; the eigenvalues past it are
+    the GGN's exact zeros, so top_k still gets top_k values."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.ReLU(), torch.nn.Linear(6, 2)).double()
+    x, y = torch.randn(3, 4, dtype=torch.float64), torch.randint(0, 2, (3,))
+    out = hogc.compile(m, ["ggn_eigen", "ggn"], top_k=5)(x, y)
+    want = torch.linalg.eigvalsh(out["ggn"]).flip(0)[:5]
+    assert out["ggn_eigen"].shape == (5,)
+    close(out["ggn_eigen"], want)
+
+
 def test_ggn_diag_mc_is_exact_for_its_draws(compiled):
     """The MC estimate equals sum_mn (J_n^T s_mn)^2 for the very draws the program made."""
     case, out, ref, fn = compiled

@@ -6,6 +6,7 @@ import math
 
 from hogc.passes.push_forward import push_forward
 
+from ..capture.losses import num_columns
 from ..errors import HogcError
 from ..ir import Index, Node, Op, Variance, build as B
 from .builder import DerivativeBuilder, square_sum, sum_parts
@@ -117,4 +118,8 @@ def _ggn_eigen(b):
     gram = B.reshape(gram, (C * N, C * N))
     D = sum(math.prod(v.shape[2:]) for v in b.sqrt_ggn.values())
     k = min(b.top_k, C * N, D)  # the GGN has rank <= min(CN, D); the Gram matrix's other eigenvalues are 0
-    return Node(Op.EIGVALSH, (gram,), k, (Index("k", k, "eigen", Variance.BATCH),))
+    top = Node(Op.EIGVALSH, (gram,), k, (Index("k", k, "eigen", Variance.BATCH),))
+    # cross-entropy's C - 1 columns: the eigenvalues past the Gram matrix's size are exact zeros
+    # (the GGN is positive semi-definite), as with BackPACK's C columns
+    kk = min(b.top_k, D, num_columns(b.spec, b.output.shape, full=True) * N)
+    return top if kk == k else B.pad(top, 0, 0, 1, kk, Index("k", kk, "eigen", Variance.BATCH))

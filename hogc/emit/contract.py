@@ -19,7 +19,7 @@ import math
 
 import torch
 
-__all__ = ["batched_product", "in_place_plan", "MAX_STEPS", "MIN_ELEMENTS"]
+__all__ = ["batched_product", "in_place_plan", "larger", "MAX_STEPS", "MIN_ELEMENTS"]
 
 #: at most this many ``bmm`` calls in the loop; more falls back to torch.einsum
 MAX_STEPS = 64
@@ -65,6 +65,11 @@ def _split(eq: str) -> tuple[str, str, str]:
     return sa, sb, out
 
 
+def larger(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Which operand the loop runs over (0: ``a``, 1: ``b``): the larger one, ``a`` on a tie."""
+    return int(b.numel() > a.numel())
+
+
 def in_place_plan(eq: str, a: torch.Tensor, b: torch.Tensor):
     """(swap, plan) when ``batched_product`` loops over views of the larger operand (``swap``: that is
     ``b``), None when it hands the product to torch.einsum. Reads shapes and strides only, so the
@@ -72,7 +77,7 @@ def in_place_plan(eq: str, a: torch.Tensor, b: torch.Tensor):
     if max(a.numel(), b.numel()) < MIN_ELEMENTS:
         return None
     sa, sb, out = _split(eq)
-    swap = b.numel() > a.numel()
+    swap = bool(larger(a, b))
     plan = _plan(b, sb, a, sa, out) if swap else _plan(a, sa, b, sb, out)
     return None if plan is None else (swap, plan)
 

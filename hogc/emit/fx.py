@@ -18,7 +18,7 @@ from hogc.passes.paths import letter_sizes
 from ..ir import Constant, Node, Op, Program
 from ..ir.nondiff import NONDIFF_FUNCTIONS
 from . import runtime as R
-from .contract import batched_product, in_place_plan
+from .contract import batched_product, in_place_plan, larger
 
 __all__ = ["emit", "EMITTERS"]
 
@@ -201,13 +201,26 @@ def einsum_transient(node: Node) -> int:
             if perm != list(range(len(s))) and (len(first) != 1 or len(second) != 1):
                 extra += math.prod(x.shape)
         return extra
-    if len(node.src) == 2 and not any(len(set(t)) < len(t) for t in node.arg.inputs):
+    if len(node.src) == 2 and not _has_diagonal(node.arg):
         # the plan reads the larger operand's strides; the smaller one is counted as copied
-        big = max(range(2), key=lambda k: (math.prod(node.src[k].shape), -k))
-        metas = [_meta(x) if k == big else torch.empty(x.shape, device="meta") for k, x in enumerate(node.src)]
+        metas = [torch.empty(x.shape, device="meta") for x in node.src]
+        big = larger(*metas)
+        metas[big] = _meta(node.src[big])
         if metas[big] is not None and in_place_plan(_text(node.arg), *metas) is not None:
             return min(math.prod(x.shape) for x in node.src)
     return sum(math.prod(x.shape) for x in node.src)
+
+
+def reshape_copies(node: Node) -> bool:
+    """Whether a RESHAPE's emitted ``torch.reshape`` copies: a permuted, broadcast or windowed view
+    to a new shape (torch cannot view it); to its own shape it is a view."""
+    src = node.src[0]
+    return src.op in (Op.PERMUTE, Op.EXPAND, Op.WINDOWS) and math.prod(node.shape) > 1 and node.shape != src.shape
+
+
+def _has_diagonal(eq) -> bool:
+    """A letter twice in one operand ('aa->'): a trace, not a sum."""
+    return any(len(set(s)) < len(s) for s in eq.inputs)
 
 
 def _contiguous(shape) -> tuple[int, ...]:
@@ -236,8 +249,7 @@ def _strides(node: Node) -> tuple[int, ...] | None:
         src = node.src[0]
         if node.shape == src.shape:
             return _strides(src)
-        copied = src.op in (Op.PERMUTE, Op.EXPAND, Op.WINDOWS)
-        return _contiguous(node.shape) if copied or _strides(src) == _contiguous(src.shape) else None
+        return _contiguous(node.shape) if reshape_copies(node) or _strides(src) == _contiguous(src.shape) else None
     if node.op in (Op.EXPAND, Op.WINDOWS):
         return None
     return _contiguous(node.shape)
@@ -259,7 +271,7 @@ def _text(eq) -> str:
 
 @emitter(Op.EINSUM)
 def _einsum(g, node, args, gm):
-    diagonal = any(len(set(s)) < len(s) for s in node.arg.inputs)  # 'aa->': a trace, not a sum
+    diagonal = _has_diagonal(node.arg)
     if len(node.src) == 1 and not diagonal:
         return _sum_permute(g, node, args)
     if not diagonal and prefers_mul_sum(node):

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from hogc.ir import Op, Program
 from hogc.passes import elementwise as E
 
-from .fx import accumulators, einsum_transient
+from .fx import accumulators, einsum_transient, reshape_copies
 from .square_kernel import square_transient
 
 __all__ = ["MemoryEstimate", "predicted_peak", "VIEW_OPS"]
@@ -42,10 +42,7 @@ def predicted_peak(program: Program, itemsize: int = 4) -> MemoryEstimate:
     last: dict[int, int] = {}
     size: dict[int, int] = {}
     for k, n in enumerate(nodes):
-        # reshaping a permuted or expanded view to a new shape copies it (torch.reshape cannot view
-        # it); to its own shape it is a view
-        copies = n.op is Op.RESHAPE and n.src[0].op in (Op.PERMUTE, Op.EXPAND, Op.WINDOWS) and \
-            math.prod(n.shape) > 1 and n.shape != n.src[0].shape
+        copies = n.op is Op.RESHAPE and reshape_copies(n)
         alias = (n.op in VIEW_OPS and not copies) or n.uid in inplace
         base[n.uid] = base[n.src[0].uid] if alias else n.uid
         size[n.uid] = 0 if n.op in _FREE or alias else math.prod(n.shape) * itemsize

@@ -104,16 +104,16 @@ def _ce_factor(p: torch.Tensor, reduced: bool) -> torch.Tensor:
         S = (q.t().contiguous().unsqueeze(2) * p.unsqueeze(0)).neg_()  # (c, R, o): -sqrt(p_c) p_o
         S.diagonal(dim1=0, dim2=2).add_(q)
         return S
-    a, u = _householder(q)
-    S = (a.t().contiguous().unsqueeze(2) * u.unsqueeze(0)).neg_()  # (j, R, o): -a_j q_o w_o
+    w, a = _householder(q)
+    S = (a.t().contiguous().unsqueeze(2) * (q * w).unsqueeze(0)).neg_()  # (j, R, o): -a_j q_o w_o
     S.diagonal(dim1=0, dim2=2).add_(q[:, :-1])
     return S
 
 
 def _householder(q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(a, u) of the reduced factor: ``a = q_{<C} / (1 + q_C)`` (R, C-1), ``u = q * w`` (R, C)."""
+    """(w, a) of the reduced factor: ``w = q + e_C`` (R, C), ``a = q_{<C} / (1 + q_C)`` (R, C-1)."""
     w = torch.cat([q[:, :-1], q[:, -1:] + 1], dim=1)
-    return q[:, :-1] / w[:, -1:], q * w
+    return w, q[:, :-1] / w[:, -1:]
 
 
 def _ce_reduced(f: torch.Tensor, columns: int) -> bool:
@@ -153,21 +153,19 @@ def loss_sqrt_hessian_jvp(f: torch.Tensor, y: torch.Tensor, t: torch.Tensor, kin
         p = torch.softmax(_rows(f), dim=1)
         t = t.movedim(2, -1).reshape(S_, -1, f.shape[1])  # (S, R, C)
         q = p.sqrt()
-        dp = p * t - p * (p * t).sum(-1, keepdim=True)  # (S, R, C)
-        dq = q * (t - (p * t).sum(-1, keepdim=True)) / 2  # dp / (2 sqrt p), finite as p -> 0
+        dq = q * (t - (p * t).sum(-1, keepdim=True)) / 2  # dsqrt(p) = dp / (2 sqrt p), finite as p -> 0
         if columns is not None and _ce_reduced(f, columns):
-            # S[j, o] = q_o delta_jo - a_j u_o with u = q w, w = q + e_C, a = q_{<C} / (1 + q_C)
-            a, u = _householder(q)
-            dw = dq
-            du = dq * torch.cat([q[:, :-1], q[:, -1:] + 1], dim=1) + q * dw
-            da = dq[..., :-1] / (1 + q[:, -1:]) - a * dq[..., -1:] / (1 + q[:, -1:])
-            out = -(da.transpose(1, 2).unsqueeze(3) * u.unsqueeze(0).unsqueeze(0))  # (S, j, R, o)
+            # S[j, o] = q_o delta_jo - a_j u_o with u = q w, w = q + e_C, a = q_{<C} / w_C; dw = dq
+            w, a = _householder(q)
+            du = dq * (w + q)
+            da = (dq[..., :-1] - a * dq[..., -1:]) / w[:, -1:]
+            out = -(da.transpose(1, 2).unsqueeze(3) * (q * w).unsqueeze(0).unsqueeze(0))  # (S, j, R, o)
             out -= a.t().unsqueeze(0).unsqueeze(3) * du.unsqueeze(1)
             out.diagonal(dim1=1, dim2=3).add_(dq[..., :-1])
         else:
-            # S[c, o] = delta_co sqrt(p_c) - sqrt(p_c) p_o
+            # S[c, o] = delta_co sqrt(p_c) - sqrt(p_c) p_o;  dp = 2 sqrt(p) dsqrt(p)
             out = -(dq.transpose(1, 2).unsqueeze(3) * p.unsqueeze(0).unsqueeze(0))  # (S, c, R, o): -dsqrt(p_c) p_o
-            out -= q.t().unsqueeze(0).unsqueeze(3) * dp.unsqueeze(1)  # -sqrt(p_c) dp_o
+            out -= q.t().unsqueeze(0).unsqueeze(3) * (2 * q * dq).unsqueeze(1)  # -sqrt(p_c) dp_o
             out.diagonal(dim1=1, dim2=3).add_(dq)
         out.mul_(_ce_weights(f, y, reduction, ignore_index).sqrt()[None, None, :, None])
         return out if f.ndim == 2 else _per_position(out, f.shape, 1)

@@ -60,6 +60,10 @@ class DerivativeBuilder:
                 cots[name] = B.const_tensor(torch.zeros([i.size for i in layout], dtype=self.dtype), layout)
         return {name: cots[name] for name in self.params}
 
+    def _column_backprop(self, seed: Node) -> dict[str, Node]:
+        """Per-sample cotangents of every parameter for each column of ``seed`` (columns first)."""
+        return self._backprop(seed, seed.indices[:1])
+
     def grad_cotangents(self, nodes: dict[str, Node]) -> dict[str, Node]:
         """Per-sample gradient cotangents of intermediate ``nodes`` (shared with per_sample_grads)."""
         seed = Node(Op.LOSS_GRAD, (self.output, self.target), self.spec, dual(self.output.indices))
@@ -92,24 +96,21 @@ class DerivativeBuilder:
 
     @cached_property
     def sqrt_ggn(self) -> dict[str, Node]:
-        seed = self.column_seed(False)
-        return self._backprop(seed, seed.indices[:1])
+        return self._column_backprop(self.column_seed(False))
 
     @cached_property
     def sqrt_ggn_full(self) -> dict[str, Node]:
         """``sqrt_ggn`` with BackPACK's C columns for cross-entropy (the ``sqrt_ggn`` quantity)."""
-        seed = self.column_seed(False, full=True)
-        return self._backprop(seed, seed.indices[:1])
+        return self._column_backprop(self.column_seed(False, full=True))
 
     @cached_property
     def sqrt_ggn_mc(self) -> dict[str, Node]:
-        seed = self.column_seed(True)
-        return self._backprop(seed, seed.indices[:1])
+        return self._column_backprop(self.column_seed(True))
 
     def sqrt_ggn_parts(self, mc: bool) -> list[dict[str, Node]]:
         """``sqrt_ggn`` (or ``sqrt_ggn_mc``) as one part per column chunk: quantities that sum over
         the columns sum their parts with ``sum_parts``."""
-        return [self._backprop(s, s.indices[:1]) for s in self._seeds(mc)]
+        return [self._column_backprop(s) for s in self._seeds(mc)]
 
     def column_cotangents(self, mc: bool, nodes: dict[str, Node]) -> list[dict[str, Node]]:
         """Cotangents of intermediate ``nodes`` in the exact (or Monte-Carlo) square-root backward
